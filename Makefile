@@ -1,0 +1,44 @@
+# kubecertd: `make test` and `make demo` set up everything they need on a fresh
+# Debian 12 machine (as root) and then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Build: libsystemd-dev + pkg-config + gcc for systemd-python. Tests: openssl and curl
+# as independent TLS peers, systemd/dbus/iproute2/util-linux for the namespaced node,
+# postgresql for the signer's shared store.
+DEBIAN_PACKAGES := libsystemd-dev pkg-config gcc openssl curl systemd dbus iproute2 util-linux
+
+.PHONY: all venv deps test lint typecheck unit demo bench clean
+
+all: test
+
+deps:
+	@tools/ensure-debian-packages $(DEBIAN_PACKAGES)
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || tools/ensure-debian-packages python3-venv python3-dev
+
+$(BIN)/.installed: pyproject.toml | deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+venv: deps $(BIN)/.installed
+
+lint: venv
+	$(BIN)/ruff check kubecertd tests bench
+	$(BIN)/ruff format --check kubecertd
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q
+
+test: venv lint unit
+
+demo: venv
+	$(BIN)/python -m kubecertd.demo
+
+bench: venv
+	bench/check.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,156 @@
+"""``kubecertd``: the node agent's command line (SPEC "Command line").
+
+Only what ``--check`` needs is imported at the top: the daemon's HTTP client, D-Bus and
+inotify modules load inside the commands that use them, so a provisioning script's
+``kubecertd --check`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from . import __version__
+from .config import Config, read_config
+from .diagnose import CheckPolicy, Diagnosis, diagnose
+from .errors import KubecertdError, UsageError
+from .material import read_material
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so ``main`` owns every exit status."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS lets --config stand before or after the subcommand without one
+    # position's default overwriting the other's value.
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="config file (default $KUBECERTD_CONFIG or /etc/kubecertd/kubecertd.toml)",
+    )
+
+
+def _add_check_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fix",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="heal what can be healed, then diagnose again",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the diagnosis as one JSON object",
+    )
+    parser.add_argument(
+        "--no-restart",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="with --fix: do not restart kubelet",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kubecertd", description="Keeps this node's kubelet certificate healthy.")
+    parser.add_argument("--version", action="version", version=f"kubecertd {__version__}")
+    parser.add_argument(
+        "--check", action="store_true", help="diagnose the certificate files once and exit"
+    )
+    _add_check_flags(parser)
+    _add_common(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_common(commands.add_parser("run", help="run the daemon in the foreground (the default)"))
+    check = commands.add_parser("check", help="the same as --check")
+    _add_check_flags(check)
+    _add_common(check)
+    enroll = commands.add_parser(
+        "enroll", help="get this node's identity certificate with a one-time token"
+    )
+    enroll.add_argument(
+        "--token", required=True, help="the token from kubecertd-signer token create"
+    )
+    _add_common(enroll)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.check:
+        if args.command not in (None, "check"):
+            raise UsageError(f"--check cannot be combined with the {args.command} command")
+        args.command = "check"
+    args.command = args.command or "run"
+    for flag in ("fix", "json", "no_restart"):
+        if getattr(args, flag, False) and args.command != "check":
+            raise UsageError(f"--{flag.replace('_', '-')} goes with --check")
+    if getattr(args, "no_restart", False) and not getattr(args, "fix", False):
+        raise UsageError("--no-restart goes with --check --fix")
+    return args
+
+
+def load(args: argparse.Namespace) -> Config:
+    return read_config(getattr(args, "config", None))
+
+
+def check_files(config: Config, now: dt.datetime | None = None) -> Diagnosis:
+    """Read the three files and diagnose them (never changes anything on disk)."""
+    material = read_material(config.ca_path, config.cert_path, config.key_path)
+    when = now or dt.datetime.now(dt.timezone.utc)
+    return diagnose(material, config.node_name, when, CheckPolicy.from_config(config, os.geteuid()))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load(args)
+    if getattr(args, "fix", False):
+        raise UsageError("--fix: healing is not part of this build yet")
+    diagnosis = check_files(config)
+    if getattr(args, "json", False):
+        from .report import render_json  # noqa: PLC0415
+
+        print(render_json(diagnosis))
+    else:
+        from .report import render_text  # noqa: PLC0415
+
+        print(render_text(diagnosis))
+    return 0 if diagnosis.healthy else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    load(args)
+    raise UsageError("run: the daemon is not part of this build yet")
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    load(args)
+    raise UsageError("enroll: enrollment is not part of this build yet")
+
+
+COMMANDS = {"check": cmd_check, "run": cmd_run, "enroll": cmd_enroll}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        return COMMANDS[args.command](args)
+    except KubecertdError as exc:
+        print(f"kubecertd: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SystemExit as exc:  # --version and --help end through argparse's exit()
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""X.509 helpers shared by the agent and the signer, all on pyca/cryptography.
+
+Pure functions over bytes and certificate objects: parsing PEM or DER, naming the
+node a certificate is for, comparing public keys, generating keys and CSRs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+from cryptography.x509.oid import NameOID
+
+NODE_PREFIX = "system:node:"
+NODES_GROUP = "system:nodes"
+STRONG_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+_CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+
+
+def load_certificates(data: bytes) -> list[x509.Certificate]:
+    """Every certificate in a PEM file, or the one in a DER file; ValueError if none."""
+    if b"-----BEGIN" in data:
+        certs = x509.load_pem_x509_certificates(data)  # raises ValueError on garbage
+    else:
+        certs = [x509.load_der_x509_certificate(data)]
+    return certs
+
+
+def load_private_key(data: bytes) -> PrivateKeyTypes:
+    """A PEM or DER private key without a password; ValueError otherwise.
+
+    An encrypted key is refused with its own message: kubelet cannot use it either.
+    """
+    if b"ENCRYPTED" in data:
+        raise ValueError("the key is encrypted; kubelet needs an unencrypted key")
+    try:
+        if b"-----BEGIN" in data:
+            return serialization.load_pem_private_key(data, password=None)
+        return serialization.load_der_private_key(data, password=None)
+    except TypeError as exc:  # "Password was not given but private key is encrypted"
+        raise ValueError("the key is encrypted; kubelet needs an unencrypted key") from exc
+    except Exception as exc:  # cryptography raises assorted errors on garbage
+        if isinstance(exc, ValueError):
+            raise
+        raise ValueError(str(exc) or type(exc).__name__) from exc
+
+
+def common_names(name: x509.Name) -> list[str]:
+    return [str(attr.value) for attr in name.get_attributes_for_oid(NameOID.COMMON_NAME)]
+
+
+def organizations(name: x509.Name) -> list[str]:
+    return [str(attr.value) for attr in name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
+
+
+def node_of(cert: x509.Certificate) -> str | None:
+    """The node the API server would see this certificate as (Go keeps the last CN)."""
+    names = common_names(cert.subject)
+    if names and names[-1].startswith(NODE_PREFIX):
+        return names[-1][len(NODE_PREFIX) :]
+    return None
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    """SPEC's serial format: lowercase hexadecimal, no separators."""
+    return format(cert.serial_number, "x")
+
+
+def iso(moment: dt.datetime) -> str:
+    """SPEC's time format: UTC ISO 8601 with a ``Z``, whole seconds."""
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def spki_der(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def same_public_key(a: PublicKeyTypes, b: PublicKeyTypes) -> bool:
+    return spki_der(a) == spki_der(b)
+
+
+def key_fingerprint(key: PublicKeyTypes) -> str:
+    """SHA-256 of the SubjectPublicKeyInfo, lowercase hex (for audit records)."""
+    return hashlib.sha256(spki_der(key)).hexdigest()
+
+
+def describe_key(key: PublicKeyTypes | PrivateKeyTypes) -> str:
+    """``"ECDSA P-256"``, ``"RSA 2048"``, ..."""
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return f"RSA {key.key_size}"
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return f"ECDSA {_CURVE_NAMES.get(key.curve.name, key.curve.name)}"
+    if isinstance(key, dsa.DSAPrivateKey | dsa.DSAPublicKey):
+        return f"DSA {key.key_size}"
+    return type(key).__name__.lstrip("_").replace("PrivateKey", "").replace("PublicKey", "")
+
+
+def weakness(key: PublicKeyTypes | PrivateKeyTypes) -> str | None:
+    """Why a key is weak for a kubelet client certificate, or None (SPEC ``key-weak``)."""
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey) and key.key_size < 2048:
+        return f"RSA key of {key.key_size} bits is below 2048"
+    if isinstance(key, dsa.DSAPrivateKey | dsa.DSAPublicKey):
+        return "DSA keys are deprecated and unsupported by Kubernetes"
+    if (
+        isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey)
+        and key.curve.name not in STRONG_CURVES
+    ):
+        return f"EC curve {key.curve.name} is not P-256, P-384 or P-521"
+    return None
+
+
+def is_ca(cert: x509.Certificate) -> bool:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.ca
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """True when ``ca``'s subject is ``cert``'s issuer and ``ca``'s key signed it.
+
+    cryptography's ``verify_directly_issued_by`` checks both; validity dates are
+    judged elsewhere, as SPEC's ``cert-untrusted`` asks.
+    """
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError all mean "no"
+        return False
+    return True
+
+
+def allows_client_auth(cert: x509.Certificate) -> bool:
+    """Go's rule: no EKU extension, clientAuth or anyExtendedKeyUsage allow client auth."""
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    allowed = {
+        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH,
+        x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+    }
+    return any(usage in allowed for usage in usages)
+
+
+def generate_key(kind: str) -> PrivateKeyTypes:
+    """A fresh private key of a SPEC ``key_type`` (``ecdsa-p256``, ``rsa-3072``, ...)."""
+    family, _, size = kind.partition("-")
+    if family == "ecdsa":
+        curve = {"p256": ec.SECP256R1(), "p384": ec.SECP384R1()}[size]
+        return ec.generate_private_key(curve)
+    return rsa.generate_private_key(public_exponent=65537, key_size=int(size))
+
+
+def private_key_pem(key: PrivateKeyTypes) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def certificate_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def build_csr(key: PrivateKeyTypes, subject: x509.Name) -> x509.CertificateSigningRequest:
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise TypeError(f"cannot sign a CSR with {describe_key(key)}")
+    return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+
+
+def kubelet_subject(node: str) -> x509.Name:
+    """``CN=system:node:<node>, O=system:nodes`` as the Node authorizer wants it."""
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, NODES_GROUP),
+            x509.NameAttribute(NameOID.COMMON_NAME, NODE_PREFIX + node),
+        ]
+    )
+
+
+def identity_subject(node: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)])
