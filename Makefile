@@ -35,7 +35,7 @@ unit: venv
 test: venv lint unit
 
 demo: venv
-	$(BIN)/python -m kubecertd.demo
+	KUBECERTD=$(CURDIR)/$(BIN)/kubecertd demo/check-demo.sh
 
 bench: venv
 	bench/check.sh

@@ -15,7 +15,6 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
@@ -181,7 +180,8 @@ def read_config_text(
     named = path or env.get(env_var) or None
     where = named or default
     try:
-        return Path(where).read_text(encoding="utf-8"), where
+        with open(where, encoding="utf-8") as stream:
+            return stream.read(), where
     except FileNotFoundError as exc:
         if named is None:
             return None, where
