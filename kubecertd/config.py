@@ -42,6 +42,14 @@ def string(value: Any) -> str:
     return value
 
 
+def nonempty(value: Any) -> str:
+    """A string that must not be empty (a file or unit name)."""
+    text = string(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {_toml_type(value)}")
@@ -132,17 +140,23 @@ def setting(default: Any, convert: Converter) -> Any:
     return field(default=default, metadata={"convert": convert})
 
 
-def section(cls: type[T]) -> Any:
-    """A dataclass field holding a nested TOML table."""
-    return field(default_factory=cls, metadata={"section": cls})
+def section(cls: type[T], **defaults: Any) -> Any:
+    """A dataclass field holding a nested TOML table (``defaults`` override the class's)."""
+    return field(default_factory=lambda: cls(**defaults), metadata={"section": cls})
 
 
-def build(cls: type[T], table: Mapping[str, Any], where: str, prefix: str = "") -> T:
-    """Fill dataclass ``cls`` from a TOML table; unknown keys and bad values are errors."""
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+def build(
+    cls: type[T], table: Mapping[str, Any], where: str, prefix: str = "", base: T | None = None
+) -> T:
+    """Fill dataclass ``cls`` (starting from ``base``) from a TOML table.
+
+    Unknown keys and bad values are ``ConfigError``s naming ``section.key`` and the file.
+    """
+    known = {f.name: f for f in fields(cls) if f.metadata}  # type: ignore[arg-type]
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}: unknown setting {prefix}{key}")
+    start = base if base is not None else cls()
     values: dict[str, Any] = {}
     for name, spec in known.items():
         if name not in table:
@@ -151,7 +165,8 @@ def build(cls: type[T], table: Mapping[str, Any], where: str, prefix: str = "") 
         if "section" in spec.metadata:
             if not isinstance(raw, dict):
                 raise ConfigError(f"{where}: [{dotted}] must be a table")
-            values[name] = build(spec.metadata["section"], raw, where, f"{dotted}.")
+            current = getattr(start, name)
+            values[name] = build(spec.metadata["section"], raw, where, f"{dotted}.", current)
             continue
         if isinstance(raw, dict):
             raise ConfigError(f"{where}: {dotted} is a setting, not a table")
@@ -159,7 +174,7 @@ def build(cls: type[T], table: Mapping[str, Any], where: str, prefix: str = "") 
             values[name] = spec.metadata["convert"](raw)
         except ValueError as exc:
             raise ConfigError(f"{where}: {dotted}: {exc}") from exc
-    return cls(**values)
+    return replace(start, **values)  # type: ignore[type-var]
 
 
 def parse_toml(text: str, where: str) -> dict[str, Any]:
@@ -196,9 +211,9 @@ def read_config_text(
 
 @dataclass(frozen=True)
 class Files:
-    ca: str = setting("ca.pem", string)
-    cert: str = setting("worker.pem", string)
-    key: str = setting("worker-key.pem", string)
+    ca: str = setting("ca.pem", nonempty)
+    cert: str = setting("worker.pem", nonempty)
+    key: str = setting("worker-key.pem", nonempty)
 
 
 @dataclass(frozen=True)
@@ -211,15 +226,15 @@ class Policy:
 @dataclass(frozen=True)
 class Signer:
     url: str = setting("", url)
-    ca: str = setting("/etc/kubecertd/signer-ca.pem", string)
-    identity_cert: str = setting("/var/lib/kubecertd/identity.pem", string)
-    identity_key: str = setting("/var/lib/kubecertd/identity-key.pem", string)
+    ca: str = setting("/etc/kubecertd/signer-ca.pem", nonempty)
+    identity_cert: str = setting("/var/lib/kubecertd/identity.pem", nonempty)
+    identity_key: str = setting("/var/lib/kubecertd/identity-key.pem", nonempty)
     timeout: float = setting(10.0, positive_duration)
 
 
 @dataclass(frozen=True)
 class Kubelet:
-    unit: str = setting("kubelet.service", string)
+    unit: str = setting("kubelet.service", nonempty)
     restart: bool = setting(True, boolean)
     settle: float = setting(10.0, duration)
     max_restarts_per_hour: int = setting(4, count)
@@ -229,7 +244,7 @@ class Kubelet:
 class Daemon:
     debounce: float = setting(1.0, duration)
     recheck: float = setting(300.0, positive_duration)
-    state_dir: str = setting("/var/lib/kubecertd", string)
+    state_dir: str = setting("/var/lib/kubecertd", nonempty)
     backups: int = setting(3, count)
 
 
@@ -241,7 +256,7 @@ class Metrics:
 @dataclass(frozen=True)
 class Config:
     node_name: str = setting("", node_name)
-    ssl_dir: str = setting("/etc/kubernetes/ssl", string)
+    ssl_dir: str = setting("/etc/kubernetes/ssl", nonempty)
     files: Files = section(Files)
     policy: Policy = section(Policy)
     signer: Signer = section(Signer)
@@ -269,8 +284,6 @@ class Config:
 def load_config(text: str | None, where: str, hostname: str) -> Config:
     """Pure: TOML text (None = all defaults) and the host name in, a ``Config`` out."""
     config = build(Config, parse_toml(text, where) if text is not None else {}, where)
-    if not config.ssl_dir:
-        raise ConfigError(f"{where}: ssl_dir must not be empty")
     name = config.node_name or default_node_name(hostname)
     if not is_dns_subdomain(name):
         raise ConfigError(

@@ -266,7 +266,8 @@ def _judge_cert(
                 f"certificate is valid only from {pki.iso(not_before)}; the node's clock says {pki.iso(now)}",
             )
         )
-    if ca_certs and not any(pki.issued_by(cert, ca) for ca in ca_certs):
+    anchors = [ca for ca in ca_certs if pki.is_ca(ca)]  # a leaf in the CA file is ca-not-ca alone
+    if anchors and not any(pki.issued_by(cert, ca) for ca in anchors):
         out.append(
             finding(
                 "cert-untrusted",

@@ -22,12 +22,33 @@ _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"
 
 
 def load_certificates(data: bytes) -> list[x509.Certificate]:
-    """Every certificate in a PEM file, or the one in a DER file; ValueError if none."""
-    if b"-----BEGIN" in data:
-        certs = x509.load_pem_x509_certificates(data)  # raises ValueError on garbage
-    else:
-        certs = [x509.load_der_x509_certificate(data)]
+    """Every certificate in a PEM file, or the one in a DER file; ValueError if none.
+
+    cryptography checks the outer structure at load time but decodes names,
+    extensions and the public key lazily, so a corrupted field would raise later,
+    anywhere.  Each certificate is decoded fully here: past this point it is sound.
+    """
+    try:
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
+        for cert in certs:
+            _decode_fully(cert)
+    except ValueError:
+        raise
+    except Exception as exc:  # InvalidVersion, UnsupportedAlgorithm, ...: all mean "not usable"
+        raise ValueError(str(exc) or type(exc).__name__) from exc
     return certs
+
+
+def _decode_fully(cert: x509.Certificate) -> None:
+    cert.subject.rfc4514_string()
+    cert.issuer.rfc4514_string()
+    list(cert.extensions)
+    cert.public_key()
+    cert.not_valid_before_utc  # noqa: B018 - decoding is the point
+    cert.not_valid_after_utc  # noqa: B018
 
 
 def load_private_key(data: bytes) -> PrivateKeyTypes:
@@ -178,10 +199,11 @@ def build_csr(key: PrivateKeyTypes, subject: x509.Name) -> x509.CertificateSigni
 
 def kubelet_subject(node: str) -> x509.Name:
     """``CN=system:node:<node>, O=system:nodes`` as the Node authorizer wants it."""
+    # CN first, so that rfc4514_string() prints "O=system:nodes,CN=system:node:..." as SPEC shows
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, NODES_GROUP),
             x509.NameAttribute(NameOID.COMMON_NAME, NODE_PREFIX + node),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, NODES_GROUP),
         ]
     )
 
