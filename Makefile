@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Build: libsystemd-dev + pkg-config + gcc for systemd-python. Tests: openssl and curl
 # as independent TLS peers, systemd/dbus/iproute2/util-linux for the namespaced node,
-# postgresql for the signer's shared store.
-DEBIAN_PACKAGES := libsystemd-dev pkg-config gcc openssl curl systemd dbus iproute2 util-linux
+# postgresql for the signer's shared store, strace to kill an install at exact syscalls.
+DEBIAN_PACKAGES := libsystemd-dev pkg-config gcc openssl curl systemd dbus iproute2 util-linux \
+	postgresql strace
 
 .PHONY: all venv deps test lint typecheck unit demo bench clean
 

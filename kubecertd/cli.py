@@ -113,8 +113,11 @@ def check_files(config: Config, now: dt.datetime | None = None) -> Diagnosis:
 def cmd_check(args: argparse.Namespace) -> int:
     config = load(args)
     if getattr(args, "fix", False):
-        raise UsageError("--fix: healing is not part of this build yet")
-    diagnosis = check_files(config)
+        from .oneshot import fix  # noqa: PLC0415 - the healing stack is not for plain --check
+
+        diagnosis = fix(config, restart=not getattr(args, "no_restart", False))
+    else:
+        diagnosis = check_files(config)
     if getattr(args, "json", False):
         from .report import render_json  # noqa: PLC0415
 
@@ -127,13 +130,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    load(args)
-    raise UsageError("run: the daemon is not part of this build yet")
+    from .daemon import run_daemon  # noqa: PLC0415
+
+    return run_daemon(load(args))
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    load(args)
-    raise UsageError("enroll: enrollment is not part of this build yet")
+    from .oneshot import enroll  # noqa: PLC0415
+
+    print(enroll(load(args), args.token))
+    return 0
 
 
 COMMANDS = {"check": cmd_check, "run": cmd_run, "enroll": cmd_enroll}

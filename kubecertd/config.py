@@ -56,13 +56,19 @@ def boolean(value: Any) -> bool:
     return value
 
 
+MAX_DURATION = 100 * 365 * 86400.0  # beyond this a date overflows; no setting needs it
+
+
 def duration(value: Any) -> float:
     """``"1.5s"`` -> 1.5; a number and one of the units ms, s, m, h, d."""
     text = string(value)
     match = _DURATION.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not a duration (a number and a unit: ms, s, m, h, d)")
-    return float(match[1]) * _UNITS[match[2]]
+    seconds = float(match[1]) * _UNITS[match[2]]
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{text!r} is longer than 100 years")
+    return seconds
 
 
 def positive_duration(value: Any) -> float:

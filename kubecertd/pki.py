@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import warnings
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import NameOID
+
+# cryptography warns each time it parses a CN over 64 characters; such names are legal
+# node names (see _common_name), so the warning is noise in both programs' logs.
+warnings.filterwarnings("ignore", message="Attribute's length must be", category=UserWarning)
 
 NODE_PREFIX = "system:node:"
 NODES_GROUP = "system:nodes"
@@ -197,16 +202,22 @@ def build_csr(key: PrivateKeyTypes, subject: x509.Name) -> x509.CertificateSigni
     return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
 
 
+def _common_name(value: str) -> x509.NameAttribute[str]:
+    # Kubernetes node names go up to 253 characters, past RFC 5280's 64 for a CN; Go and
+    # the API server accept such certificates, so the upper bound check is skipped here.
+    return x509.NameAttribute(NameOID.COMMON_NAME, value, _validate=False)
+
+
 def kubelet_subject(node: str) -> x509.Name:
     """``CN=system:node:<node>, O=system:nodes`` as the Node authorizer wants it."""
     # CN first, so that rfc4514_string() prints "O=system:nodes,CN=system:node:..." as SPEC shows
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.COMMON_NAME, NODE_PREFIX + node),
+            _common_name(NODE_PREFIX + node),
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, NODES_GROUP),
         ]
     )
 
 
 def identity_subject(node: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)])
+    return x509.Name([_common_name(node)])

@@ -1,0 +1,317 @@
+"""``kubecertd run``: the daemon's main loop (SPEC "Watching", "systemd and journald").
+
+One thread, one ``select()`` over the inotify descriptor and a signal wake-up pipe,
+with a timeout that is the nearest of: the end of the debounce window, the periodic
+recheck, the certificate's renewal point, a signer retry and the watchdog.  Between
+those the process sleeps: an idle agent wakes only for the watchdog and its timers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import os
+import random
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import pki, schedule
+from .config import Config
+from .diagnose import CheckPolicy, Diagnosis, diagnose
+from .edges import journal
+from .edges.client import SignerClient
+from .edges.install import recover
+from .edges.sdnotify import notify, watchdog_interval
+from .edges.textfile import AgentCounters
+from .edges.textfile import write as write_textfile
+from .edges.units import UnitManager
+from .edges.watch import Watcher
+from .errors import (
+    InstallError,
+    KubecertdError,
+    LockHeld,
+    SignerError,
+    SignerRefused,
+    SignerUnreachable,
+    VerificationError,
+)
+from .heal import Healer, healing_reason, identity_due, obtain_identity, utcnow
+from .material import Material, read_material
+
+LOCK_FILE = "kubecertd.lock"
+
+
+def acquire_lock(state_dir: str) -> int:
+    """Hold ``state_dir/kubecertd.lock`` for the life of the process (one agent per node)."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LockHeld(f"another kubecertd (PID {holder}) is running: it holds {path}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def fingerprint(material: Material) -> tuple[object, ...]:
+    """What the files are, cheaply: bytes and mode, to recognise our own writes."""
+    return tuple(
+        (s.path, s.data, s.mode, s.uid, s.missing)
+        for s in (material.ca, material.cert, material.key)
+    )
+
+
+@dataclass
+class Timers:
+    """Monotonic deadlines; None means not set."""
+
+    debounce: float | None = None
+    recheck: float = 0.0
+    renewal: float | None = None
+    retry: float | None = None
+    watchdog: float | None = None
+
+    def nearest(self) -> float:
+        return min(
+            t
+            for t in (self.debounce, self.recheck, self.renewal, self.retry, self.watchdog)
+            if t is not None
+        )
+
+
+@dataclass
+class Daemon:
+    config: Config
+    client: SignerClient
+    units: UnitManager | None
+    clock: Callable[[], dt.datetime] = utcnow
+    monotonic: Callable[[], float] = time.monotonic
+    random: Callable[[], float] = random.random
+    timers: Timers = field(default_factory=Timers)
+    counters: AgentCounters = field(default_factory=AgentCounters)
+    attempts: int = 0
+    own: tuple[object, ...] | None = None
+    last_codes: tuple[str, ...] | None = None
+    stopping: bool = False
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        config = self.config
+        lock = acquire_lock(config.daemon.state_dir)
+        try:
+            done = recover(config.daemon.state_dir, self._directories())
+            if done:
+                journal.send(
+                    "installed", f"start-up: {done}", journal.NOTICE, node=config.node_name
+                )
+            watcher = Watcher([config.ssl_dir, *self._directories()])
+            wakeup = self._install_signals()
+            self.cycle("start")
+            notify("READY=1")
+            interval = watchdog_interval()
+            while not self.stopping:
+                if interval is not None and (
+                    self.timers.watchdog is None or self.monotonic() >= self.timers.watchdog
+                ):
+                    notify("WATCHDOG=1")
+                    self.timers.watchdog = self.monotonic() + interval
+                timeout = max(0.0, self.timers.nearest() - self.monotonic())
+                readable, _, _ = select.select([watcher.fileno(), wakeup], [], [], timeout)
+                if wakeup in readable:
+                    os.read(wakeup, 512)  # the signal handlers already set the flags
+                if watcher.fileno() in readable:
+                    self._on_changes(watcher)
+                self._on_timers()
+            notify("STOPPING=1", "STATUS=stopping")
+            watcher.close()
+            return 0
+        finally:
+            os.close(lock)
+
+    def _install_signals(self) -> int:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write_end)
+
+        def stop(_signum: int, _frame: object) -> None:
+            self.stopping = True
+
+        def recheck(_signum: int, _frame: object) -> None:
+            self.timers.recheck = 0.0
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, recheck)  # `systemctl reload`-style: diagnose now
+        return read_end
+
+    def _directories(self) -> list[str]:
+        config = self.config
+        return sorted(
+            {os.path.dirname(p) for p in (config.ca_path, config.cert_path, config.key_path)}
+        )
+
+    def _on_changes(self, watcher: Watcher) -> None:
+        changes = watcher.read()
+        if changes.overflow:
+            self.timers.debounce = self.monotonic()  # the queue overflowed: look at everything now
+        elif changes.relevant:
+            self.timers.debounce = self.monotonic() + self.config.daemon.debounce
+
+    def _on_timers(self) -> None:
+        now = self.monotonic()
+        if self.timers.debounce is not None and now >= self.timers.debounce:
+            self.timers.debounce = None
+            self.cycle("change")
+        elif now >= self.timers.recheck:
+            self.cycle("recheck")
+        elif self.timers.renewal is not None and now >= self.timers.renewal:
+            self.cycle("renewal point")
+        elif self.timers.retry is not None and now >= self.timers.retry:
+            self.cycle("retry")
+
+    # -- one cycle: diagnose, heal if needed, report ----------------------------------------
+
+    def diagnose_now(self) -> tuple[Material, Diagnosis]:
+        config = self.config
+        material = read_material(config.ca_path, config.cert_path, config.key_path)
+        policy = CheckPolicy.from_config(config, os.geteuid())
+        return material, diagnose(material, config.node_name, self.clock(), policy)
+
+    def cycle(self, why: str) -> Diagnosis:
+        material, diagnosis = self.diagnose_now()
+        self.timers.recheck = self.monotonic() + self.config.daemon.recheck
+        if why == "change" and fingerprint(material) == self.own:
+            return diagnosis  # our own install, already judged
+        self._log_check(diagnosis, why)
+        reason = healing_reason(diagnosis, self.config, self.clock())
+        waiting = self.timers.retry is not None and self.monotonic() < self.timers.retry
+        if reason and not waiting:
+            diagnosis = self._heal(diagnosis, material, reason)
+        elif not reason:
+            self.timers.retry, self.attempts = None, 0
+        self._renew_identity()
+        self._report(diagnosis)
+        return diagnosis
+
+    def _heal(self, diagnosis: Diagnosis, material: Material, reason: str) -> Diagnosis:
+        notify(f"STATUS=renewing: {reason}")
+        healer = Healer(self.config, self.client, self.units, self.clock, tick=self._tick)
+        try:
+            outcome = healer.heal(diagnosis, material, reason)
+        except (SignerError, VerificationError, InstallError) as exc:
+            return self._failed(diagnosis, reason, exc)
+        self.counters.renewals["success"] += 1
+        if outcome.restarted is not None:
+            self.counters.kubelet_restarts += 1 + int(outcome.rolled_back)
+        self.timers.retry, self.attempts = None, 0
+        material, diagnosis = self.diagnose_now()
+        self.own = fingerprint(material)
+        return diagnosis
+
+    def _failed(self, diagnosis: Diagnosis, reason: str, exc: KubecertdError) -> Diagnosis:
+        self.counters.renewals["failure"] += 1
+        retry_after = (
+            exc.retry_after if isinstance(exc, SignerUnreachable | SignerRefused) else None
+        )
+        delay = schedule.retry_delay(self.attempts, self.random, retry_after)
+        self.attempts += 1
+        self.timers.retry = self.monotonic() + delay
+        node = self.config.node_name
+        if isinstance(exc, SignerError):
+            journal.send(
+                "signer-error",
+                f"{exc}; files left as they were, retrying in {delay:.0f}s",
+                journal.WARNING, node=node, finding=reason, retry_in=f"{delay:.0f}s", attempt=self.attempts,
+            )  # fmt: skip
+            notify(f"STATUS=signer unreachable, retrying in {delay:.0f}s")
+        else:
+            journal.send(
+                "renew-failed",
+                f"renewal for {reason} failed: {exc}; retrying in {delay:.0f}s",
+                journal.ERR, node=node, finding=reason, retry_in=f"{delay:.0f}s",
+            )  # fmt: skip
+            notify(f"STATUS=renewal failed ({reason}), retrying in {delay:.0f}s")
+        return diagnosis
+
+    def _renew_identity(self) -> None:
+        if not self.config.signer.url or not identity_due(self.config, self.clock()):
+            return
+        try:
+            obtain_identity(self.config, self.client, None, self.clock())
+        except KubecertdError as exc:
+            journal.send(
+                "signer-error",
+                f"renewing the node identity failed: {exc}",
+                journal.WARNING,
+                node=self.config.node_name,
+            )
+
+    def _tick(self) -> None:
+        notify("WATCHDOG=1")
+
+    def _log_check(self, diagnosis: Diagnosis, why: str) -> None:
+        node = self.config.node_name
+        verdict = "healthy" if diagnosis.healthy else "unhealthy"
+        codes = tuple(diagnosis.codes)
+        journal.send(
+            "check",
+            f"check ({why}): {verdict}" + (f": {', '.join(codes)}" if codes else ""),
+            journal.INFO if diagnosis.healthy else journal.WARNING,
+            node=node, **_cert_fields(diagnosis),
+        )  # fmt: skip
+        if codes != self.last_codes:  # each finding once when it appears, not every recheck
+            for item in diagnosis.findings:
+                journal.send(
+                    "finding",
+                    f"{item.code}: {item.message} (hint: {item.hint})",
+                    journal.ERR if item.severity == "error" else journal.WARNING,
+                    node=node, finding=item.code, path=item.path,
+                )  # fmt: skip
+        self.last_codes = codes
+
+    def _report(self, diagnosis: Diagnosis) -> None:
+        cert = diagnosis.cert
+        self.timers.renewal = None
+        if cert is not None and diagnosis.healthy:
+            due = schedule.renewal_point(
+                cert, self.config.policy.renew_fraction, self.config.node_name
+            )
+            seconds = (due - self.clock()).total_seconds()
+            # A renewal point already passed is the retry timer's business, not a busy loop.
+            self.timers.renewal = (
+                self.monotonic() + seconds if 0 < seconds < 10 * 365 * 86400 else None
+            )
+            if self.timers.retry is None:
+                notify(f"STATUS=healthy, cert valid until {pki.iso(cert.not_valid_after_utc)}")
+        if self.config.metrics.textfile:
+            try:
+                write_textfile(self.config.metrics.textfile, diagnosis, self.counters, time.time())
+            except OSError as exc:
+                journal.send(
+                    "check",
+                    f"cannot write {self.config.metrics.textfile}: {exc.strerror}",
+                    journal.WARNING,
+                )
+
+
+def _cert_fields(diagnosis: Diagnosis) -> dict[str, str]:
+    cert = diagnosis.cert
+    if cert is None:
+        return {}
+    return {"serial": pki.serial_hex(cert), "not_after": pki.iso(cert.not_valid_after_utc)}
+
+
+def run_daemon(config: Config) -> int:
+    from .edges.client import HttpSignerClient  # noqa: PLC0415
+    from .edges.units import DbusUnitManager  # noqa: PLC0415
+
+    client = HttpSignerClient(config.signer.url, config.signer.ca, config.signer.timeout)
+    units = DbusUnitManager() if config.kubelet.restart else None
+    return Daemon(config, client, units).run()

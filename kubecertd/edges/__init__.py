@@ -1,0 +1,1 @@
+"""Edges: each module here is one side effect (filesystem, inotify, HTTP, D-Bus, journal)."""

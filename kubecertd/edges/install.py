@@ -1,0 +1,219 @@
+"""Installing files so that a crash at any instant leaves a complete pair (SPEC step 5).
+
+One ``rename(2)`` is atomic; two are not.  So an install goes:
+
+1. every new file is written to ``.<name>.kubecertd-new`` beside its target,
+   fchmod'ed, fchown'ed and fsync'ed;
+2. the current files are copied to ``.kubecertd-backup/<UTC time>/``;
+3. the intent (which temporaries go where) is written to ``state_dir`` with its own
+   write-fsync-rename, and the directory fsync'ed: from here on the install is
+   committed;
+4. each temporary is renamed over its target and the directories fsync'ed;
+5. the intent is removed.
+
+``recover`` runs when the agent starts: with an intent present it finishes the
+renames (every temporary it names was complete before the intent existed); without
+one it deletes stray temporaries (the install never committed, the old files are
+untouched).  Either way the result is the whole old set or the whole new set.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import InstallError
+
+TMP_SUFFIX = ".kubecertd-new"
+BACKUP_DIR = ".kubecertd-backup"
+INTENT = "install-intent.json"
+
+Checkpoint = Callable[[str], None]
+
+
+def _no_checkpoint(_step: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    data: bytes
+    mode: int  # 0o600 for keys, 0o644 for certificates
+
+
+def temp_path(path: str) -> str:
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}{TMP_SUFFIX}")
+
+
+def is_own_name(name: str) -> bool:
+    """Names the agent itself creates in ssl_dir (the watcher ignores their events)."""
+    return name.endswith(TMP_SUFFIX) or name == BACKUP_DIR
+
+
+def install(
+    targets: Sequence[Target],
+    state_dir: str,
+    backup_root: str | None,
+    keep_backups: int,
+    now: dt.datetime,
+    checkpoint: Checkpoint = _no_checkpoint,
+) -> str | None:
+    """Replace ``targets`` as one unit; returns the backup directory of the old files."""
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        for target in targets:
+            write_file(temp_path(target.path), target.data, target.mode)
+            checkpoint(f"written {target.path}")
+        backup = _backup([t.path for t in targets], backup_root, now) if backup_root else None
+        checkpoint("backed up")
+        renames = [(temp_path(t.path), t.path) for t in targets]
+        _write_intent(state_dir, renames)
+        checkpoint("intent")
+        _finish(renames, checkpoint)
+        _remove_intent(state_dir)
+        checkpoint("done")
+    except OSError as exc:
+        _discard_uncommitted(state_dir, targets)
+        raise InstallError(f"cannot install {exc.filename or 'files'}: {exc.strerror}") from exc
+    if backup_root and keep_backups >= 0:
+        prune_backups(backup_root, keep_backups)
+    return backup
+
+
+def recover(state_dir: str, directories: Sequence[str]) -> str | None:
+    """Finish or undo an interrupted install; returns what was done, or None."""
+    intent = os.path.join(state_dir, INTENT)
+    try:
+        with open(intent, encoding="utf-8") as stream:
+            renames = [(str(a), str(b)) for a, b in json.load(stream)["renames"]]
+    except FileNotFoundError:
+        removed = [path for path in _stray_temps(directories) if _unlink(path)]
+        return f"removed unfinished temporary files {', '.join(removed)}" if removed else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InstallError(f"{intent}: cannot read the install intent: {exc}") from exc
+    try:
+        _finish(renames, _no_checkpoint)
+        _remove_intent(state_dir)
+    except OSError as exc:
+        raise InstallError(f"cannot finish the interrupted install: {exc}") from exc
+    return f"finished an interrupted install of {', '.join(target for _, target in renames)}"
+
+
+def write_file(path: str, data: bytes, mode: int) -> None:
+    """Create or truncate ``path`` with ``mode`` from the first instant, owner root, fsync'ed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask; this is not
+        if os.geteuid() == 0:
+            os.fchown(fd, 0, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: str, data: bytes, mode: int) -> None:
+    """Atomically replace one file: temporary, fsync, rename, fsync the directory."""
+    tmp = temp_path(path)
+    write_file(tmp, data, mode)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish(renames: Sequence[tuple[str, str]], checkpoint: Checkpoint) -> None:
+    for tmp, target in renames:
+        if os.path.lexists(tmp):  # already renamed when a crash interrupted an earlier run
+            os.replace(tmp, target)
+            checkpoint(f"renamed {target}")
+    for directory in sorted({os.path.dirname(target) for _, target in renames}):
+        fsync_dir(directory)
+
+
+def _write_intent(state_dir: str, renames: Sequence[tuple[str, str]]) -> None:
+    replace_file(os.path.join(state_dir, INTENT), json.dumps({"renames": renames}).encode(), 0o600)
+
+
+def _remove_intent(state_dir: str) -> None:
+    os.unlink(os.path.join(state_dir, INTENT))
+    fsync_dir(state_dir)
+
+
+def _discard_uncommitted(state_dir: str, targets: Sequence[Target]) -> None:
+    """After a failed install: drop temporaries unless the intent committed them."""
+    if os.path.exists(os.path.join(state_dir, INTENT)):
+        return  # committed: the next start finishes it
+    for target in targets:
+        _unlink(temp_path(target.path))
+
+
+def _stray_temps(directories: Sequence[str]) -> list[str]:
+    found = []
+    for directory in directories:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        found += [os.path.join(directory, n) for n in names if n.endswith(TMP_SUFFIX)]
+    return sorted(found)
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def backup_name(now: dt.datetime) -> str:
+    """``20261130T014455.123456Z``: sorts by time as text."""
+    return now.astimezone(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def _backup(paths: Sequence[str], backup_root: str, now: dt.datetime) -> str | None:
+    existing = [p for p in paths if os.path.isfile(p)]
+    if not existing:
+        return None
+    os.makedirs(backup_root, mode=0o700, exist_ok=True)
+    folder = os.path.join(backup_root, backup_name(now))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for path in existing:
+        with open(path, "rb") as stream:
+            data = stream.read()
+        write_file(
+            os.path.join(folder, os.path.basename(path)), data, os.stat(path).st_mode & 0o777
+        )
+    fsync_dir(folder)
+    fsync_dir(backup_root)
+    return folder
+
+
+def list_backups(backup_root: str) -> list[str]:
+    """Backup folders, oldest first."""
+    try:
+        names = sorted(n for n in os.listdir(backup_root) if n.endswith("Z"))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(backup_root, n) for n in names]
+
+
+def prune_backups(backup_root: str, keep: int) -> None:
+    folders = list_backups(backup_root)
+    for folder in folders[: max(0, len(folders) - keep)]:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,80 @@
+"""The node_exporter textfile (SPEC "systemd and journald", ``[metrics] textfile``).
+
+Rewritten whole after every check through prometheus_client's ``write_to_textfile``,
+which writes a temporary file and renames it, so node_exporter never reads half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    write_to_textfile,
+)
+
+from ..diagnose import CODES, Diagnosis
+
+
+@dataclass
+class AgentCounters:
+    """Counts since the agent started (Prometheus resets are normal on restart)."""
+
+    renewals: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
+    kubelet_restarts: int = 0
+
+
+def render(diagnosis: Diagnosis, counters: AgentCounters, checked_at: float) -> CollectorRegistry:
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series mean nothing in a textfile rewritten each check
+    registry = CollectorRegistry()
+    not_after = Gauge(
+        "kubecertd_certificate_not_after_seconds",
+        "notAfter of the kubelet certificate as a Unix time (0: no readable certificate)",
+        registry=registry,
+    )
+    not_after.set(diagnosis.cert.not_valid_after_utc.timestamp() if diagnosis.cert else 0)
+    Gauge(
+        "kubecertd_healthy", "1 when the last diagnosis had no error finding", registry=registry
+    ).set(1 if diagnosis.healthy else 0)
+    findings = Gauge(
+        "kubecertd_findings", "Findings of the last diagnosis, by code", ["code"], registry=registry
+    )
+    present = _count_codes(diagnosis)
+    for code in CODES:
+        findings.labels(code).set(present.get(code, 0))
+    renewals = Counter(
+        "kubecertd_renewals",
+        "Renewals since the agent started, by result",
+        ["result"],
+        registry=registry,
+    )
+    for result, value in counters.renewals.items():
+        renewals.labels(result).inc(value)
+    Counter(
+        "kubecertd_kubelet_restarts",
+        "kubelet restarts by kubecertd since it started",
+        registry=registry,
+    ).inc(counters.kubelet_restarts)
+    Gauge(
+        "kubecertd_last_check_timestamp_seconds",
+        "Unix time of the last diagnosis",
+        registry=registry,
+    ).set(checked_at)
+    return registry
+
+
+def _count_codes(diagnosis: Diagnosis) -> Mapping[str, int]:
+    counts: dict[str, int] = {}
+    for item in diagnosis.findings:
+        counts[item.code] = counts.get(item.code, 0) + 1
+    return counts
+
+
+def write(path: str, diagnosis: Diagnosis, counters: AgentCounters, checked_at: float) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_to_textfile(path, render(diagnosis, counters, checked_at))

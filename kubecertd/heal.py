@@ -1,0 +1,343 @@
+"""Healing a node: SPEC "Healing" steps 1-6, and enrollment.
+
+The edges come in as arguments (a ``SignerClient``, a ``UnitManager``), so the
+daemon, ``--check --fix`` and the tests drive the same code.  The signer's answer is
+judged by ``diagnose()`` itself, the same rules kubelet is judged by, before a
+single byte is written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from . import pki, schedule
+from .config import Config
+from .diagnose import ERROR, CheckPolicy, Diagnosis, diagnose
+from .edges import journal
+from .edges.client import ClientCert, SignerClient
+from .edges.install import Target, install, replace_file
+from .edges.units import UnitManager
+from .errors import InstallError, SignerError, UnitError, VerificationError
+from .material import FileState, Material, read_file
+
+Clock = Callable[[], dt.datetime]
+CA_CODES = frozenset({"ca-missing", "ca-unreadable", "ca-invalid", "ca-not-ca", "ca-expired"})
+RESTARTS_FILE = "kubelet-restarts.json"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def healing_reason(diagnosis: Diagnosis, config: Config, now: dt.datetime) -> str | None:
+    """Why the pair must be replaced now (the first error's code, or "renewal"), or None."""
+    errors = [f.code for f in diagnosis.findings if f.severity == ERROR]
+    if errors:
+        return errors[0]
+    if diagnosis.cert is not None:
+        due = schedule.renewal_point(diagnosis.cert, config.policy.renew_fraction, config.node_name)
+        if now >= due:
+            return "renewal"
+    return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one healing did."""
+
+    serial: str
+    not_after: dt.datetime
+    installed: tuple[str, ...]
+    restarted: bool | None  # None: no restart was asked for or allowed
+    rolled_back: bool = False
+
+
+@dataclass
+class Healer:
+    config: Config
+    client: SignerClient
+    units: UnitManager | None  # None: install without restarting anything
+    clock: Clock = utcnow
+    tick: Callable[[], None] = lambda: None  # called while waiting (watchdog pings)
+
+    def heal(self, diagnosis: Diagnosis, material: Material, reason: str) -> Outcome:
+        config, node = self.config, self.config.node_name
+        journal.send(
+            "renew-start",
+            f"renewing the kubelet certificate of {node}: {reason}",
+            journal.NOTICE,
+            node=node,
+            finding=reason,
+        )
+        ca_pem = self.client.fetch_ca()  # step 1: the signer authenticated by [signer] ca
+        ca_changed = _needs_ca(diagnosis, material, ca_pem)
+        key = pki.generate_key(config.policy.key_type)  # step 2: the key never leaves the node
+        csr = pki.build_csr(key, pki.kubelet_subject(node)).public_bytes(serialization.Encoding.PEM)
+        issued = self.client.sign(csr, reason, self._identity(diagnosis))  # step 3
+        cert_pem = issued.certificate
+        cert = self._verify(ca_pem, cert_pem, key)  # step 4: nothing written before this passes
+        targets = [
+            Target(config.cert_path, cert_pem, 0o644),
+            Target(config.key_path, pki.private_key_pem(key), 0o600),
+        ]
+        if ca_changed:
+            targets.insert(0, Target(config.ca_path, ca_pem, 0o644))
+        self._install(targets)  # step 5
+        serial, not_after = pki.serial_hex(cert), cert.not_valid_after_utc
+        journal.send(
+            "installed",
+            f"installed {', '.join(t.path for t in targets)} (certificate {serial}, valid until {pki.iso(not_after)})",
+            node=node, serial=serial, not_after=pki.iso(not_after),
+        )  # fmt: skip
+        journal.send(
+            "renewed",
+            f"kubelet certificate of {node} renewed ({reason}): serial {serial}, valid until {pki.iso(not_after)}",
+            journal.NOTICE, node=node, serial=serial, not_after=pki.iso(not_after), finding=reason,
+        )  # fmt: skip
+        outcome = Outcome(serial, not_after, tuple(t.path for t in targets), None)
+        if self.units is None or not config.kubelet.restart:
+            return outcome
+        came_back = self.restart_kubelet(self.units)  # step 6
+        if came_back is False and diagnosis.healthy:
+            self._rollback(self.units, material, serial)
+            return Outcome(serial, not_after, outcome.installed, False, rolled_back=True)
+        return Outcome(serial, not_after, outcome.installed, came_back)
+
+    # -- steps ------------------------------------------------------------------------
+
+    def _identity(self, diagnosis: Diagnosis) -> ClientCert:
+        """The node identity; failing that, the current kubelet pair if fully healthy."""
+        signer = self.config.signer
+        if usable_identity(
+            signer.identity_cert, signer.identity_key, self.config.node_name, self.clock()
+        ):
+            return signer.identity_cert, signer.identity_key
+        if diagnosis.healthy:
+            return self.config.cert_path, self.config.key_path
+        raise SignerError(
+            f"no usable node identity at {signer.identity_cert} and the kubelet certificate is not healthy; "
+            "enroll this node first: kubecertd enroll --token TOKEN"
+        )
+
+    def _verify(self, ca_pem: bytes, cert_pem: bytes, key: PrivateKeyTypes) -> x509.Certificate:
+        """The new pair as kubelet would see it: any error finding and the answer is refused."""
+        key_pem = pki.private_key_pem(key)
+        material = Material(
+            FileState("(signer's CA)", data=ca_pem),
+            FileState("(signer's certificate)", data=cert_pem),
+            FileState("(new key)", data=key_pem, mode=0o600, uid=0),
+        )
+        verdict = diagnose(
+            material, self.config.node_name, self.clock(), CheckPolicy(key_owners=frozenset({0}))
+        )
+        errors = [f for f in verdict.findings if f.severity == ERROR]
+        if errors or verdict.cert is None:
+            reasons = "; ".join(f"{f.code}: {f.message}" for f in errors) or "no certificate"
+            journal.send(
+                "renew-failed",
+                f"refused the signer's answer, files left as they were: {reasons}",
+                journal.ERR, node=self.config.node_name, finding=errors[0].code if errors else None,
+            )  # fmt: skip
+            raise VerificationError(f"the signer's certificate was refused: {reasons}")
+        return verdict.cert
+
+    def _install(self, targets: list[Target]) -> None:
+        config = self.config
+        install(
+            targets,
+            config.daemon.state_dir,
+            os.path.join(config.ssl_dir, ".kubecertd-backup"),
+            config.daemon.backups,
+            self.clock(),
+        )
+
+    def restart_kubelet(self, units: UnitManager) -> bool | None:
+        """Restart kubelet within the hourly budget; True if it stayed up for ``settle``."""
+        kubelet, node = self.config.kubelet, self.config.node_name
+        now = time.time()
+        history = load_restarts(self.config.daemon.state_dir, now)
+        if schedule.restarts_left(history, now, kubelet.max_restarts_per_hour) == 0:
+            journal.send(
+                "kubelet-restarted",
+                f"not restarting {kubelet.unit}: {kubelet.max_restarts_per_hour} restarts in the last hour already "
+                "([kubelet] max_restarts_per_hour); the new files are in place",
+                journal.WARNING, node=node, unit=kubelet.unit, result="budget-exhausted",
+            )  # fmt: skip
+            return None
+        save_restarts(self.config.daemon.state_dir, [*history, now])
+        try:
+            result = units.restart(kubelet.unit, timeout=max(30.0, kubelet.settle))
+            pid = units.main_pid(kubelet.unit)
+        except UnitError as exc:
+            journal.send(
+                "kubelet-restarted",
+                f"restarting {kubelet.unit} failed: {exc}",
+                journal.ERR,
+                node=node,
+                unit=kubelet.unit,
+                result="error",
+            )
+            return False
+        came_back = result == "done" and self._settled(units, pid)
+        state = self._state(units)
+        journal.send(
+            "kubelet-restarted",
+            f"restarted {kubelet.unit} (job {result}, PID {pid}); after {kubelet.settle:g}s it is {state}",
+            journal.INFO if came_back else journal.ERR,
+            node=node, unit=kubelet.unit, result=result, pid=pid, active_state=state,
+        )  # fmt: skip
+        return came_back
+
+    def _settled(self, units: UnitManager, pid: int) -> bool:
+        """Still active, with the same main PID, ``settle`` seconds after the restart."""
+        deadline = time.monotonic() + self.config.kubelet.settle
+        while True:
+            self.tick()
+            state = self._state(units)
+            if state == "failed":
+                return False
+            if time.monotonic() >= deadline:
+                return state == "active" and units.main_pid(self.config.kubelet.unit) == pid
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+
+    def _state(self, units: UnitManager) -> str:
+        try:
+            return units.active_state(self.config.kubelet.unit)
+        except UnitError:
+            return "unknown"
+
+    def _rollback(self, units: UnitManager, material: Material, serial: str) -> None:
+        """Put the previous (healthy) pair back and restart kubelet once more."""
+        node = self.config.node_name
+        targets = [
+            Target(state.path, state.data, 0o600 if state.path == self.config.key_path else 0o644)
+            for state in (material.ca, material.cert, material.key)
+            if state.data is not None
+        ]
+        self._install(targets)
+        journal.send(
+            "rollback",
+            f"kubelet did not come back with certificate {serial}; the previous pair is back in place",
+            journal.ERR, node=node, serial=serial,
+        )  # fmt: skip
+        self.restart_kubelet(units)
+
+
+def _needs_ca(diagnosis: Diagnosis, material: Material, signer_ca: bytes) -> bool:
+    """Install the signer's CA when ours is unusable or differs from it."""
+    if any(f.code in CA_CODES for f in diagnosis.findings):
+        return True
+    der = serialization.Encoding.DER
+    try:
+        ours = {c.public_bytes(der) for c in pki.load_certificates(material.ca.data or b"")}
+        theirs = {c.public_bytes(der) for c in pki.load_certificates(signer_ca)}
+    except ValueError:
+        return True
+    return ours != theirs
+
+
+def usable_identity(cert_path: str, key_path: str, node: str, now: dt.datetime) -> bool:
+    """An identity certificate that exists, is valid now, is for this node and matches its key."""
+    cert_state, key_state = read_file(cert_path), read_file(key_path)
+    if cert_state.data is None or key_state.data is None:
+        return False
+    try:
+        cert = pki.load_certificates(cert_state.data)[0]
+        key = pki.load_private_key(key_state.data)
+    except ValueError:
+        return False
+    return (
+        cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+        and pki.common_names(cert.subject) == [node]
+        and pki.same_public_key(cert.public_key(), key.public_key())
+    )
+
+
+# -- the restart budget, kept in state_dir so that a restarting agent cannot evade it ------
+
+
+def load_restarts(state_dir: str, now: float) -> list[float]:
+    try:
+        with open(os.path.join(state_dir, RESTARTS_FILE), encoding="utf-8") as stream:
+            history = [float(x) for x in json.load(stream)]
+    except (OSError, ValueError, TypeError):
+        return []
+    return schedule.prune_history(history, now)
+
+
+def save_restarts(state_dir: str, history: list[float]) -> None:
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    try:
+        replace_file(os.path.join(state_dir, RESTARTS_FILE), json.dumps(history).encode(), 0o600)
+    except OSError as exc:
+        raise InstallError(
+            f"{state_dir}: cannot record the kubelet restart: {exc.strerror}"
+        ) from exc
+
+
+# -- identity: enrollment and renewal ------------------------------------------------------
+
+
+def obtain_identity(
+    config: Config, client: SignerClient, token: str | None, now: dt.datetime
+) -> x509.Certificate:
+    """Enroll with ``token``, or renew with the current identity; install the new pair."""
+    signer, node = config.signer, config.node_name
+    key = pki.generate_key("ecdsa-p256")
+    csr = pki.build_csr(key, pki.identity_subject(node)).public_bytes(serialization.Encoding.PEM)
+    if token is not None:
+        issued = client.enroll(token, csr)
+    else:
+        issued = client.renew_identity(csr, (signer.identity_cert, signer.identity_key))
+    try:
+        cert = pki.load_certificates(issued.certificate)[0]
+        anchors = pki.load_certificates(read_file(signer.ca).data or b"")
+    except ValueError as exc:
+        raise VerificationError(
+            f"cannot check the identity certificate against {signer.ca}: {exc}"
+        ) from exc
+    problems = []
+    if not any(pki.issued_by(cert, ca) for ca in anchors):
+        problems.append(f"not issued by the identity CA in {signer.ca}")
+    if pki.common_names(cert.subject) != [node]:
+        problems.append(f"subject is {cert.subject.rfc4514_string()}, not CN={node}")
+    if not pki.same_public_key(cert.public_key(), key.public_key()):
+        problems.append("not for the key this node made")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        problems.append("not valid now")
+    if problems:
+        raise VerificationError(
+            f"the signer's identity certificate was refused: {'; '.join(problems)}"
+        )
+    targets = [
+        Target(signer.identity_cert, pki.certificate_pem(cert), 0o644),
+        Target(signer.identity_key, pki.private_key_pem(key), 0o600),
+    ]
+    for directory in {os.path.dirname(t.path) for t in targets}:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    install(targets, config.daemon.state_dir, None, 0, now)
+    journal.send(
+        "enrolled",
+        f"node identity of {node} {'enrolled' if token else 'renewed'}: serial {pki.serial_hex(cert)}, valid until {pki.iso(cert.not_valid_after_utc)}",
+        journal.NOTICE, node=node, serial=pki.serial_hex(cert), not_after=pki.iso(cert.not_valid_after_utc),
+    )  # fmt: skip
+    return cert
+
+
+def identity_due(config: Config, now: dt.datetime) -> bool:
+    """The identity certificate has passed renew_fraction (+ jitter) of its lifetime."""
+    state = read_file(config.signer.identity_cert)
+    try:
+        cert = pki.load_certificates(state.data or b"")[0]
+    except ValueError:
+        return False
+    return now >= schedule.renewal_point(cert, config.policy.renew_fraction, config.node_name)

@@ -1,0 +1,116 @@
+"""The signer's state behind one small async interface (SPEC: SQLite or PostgreSQL).
+
+Tokens, the audit of every decision, node revocations and the per-node issuance
+counter.  The one operation that matters for safety is ``commit``: it spends a
+token, applies revocation and rate limit, and writes the audit record in ONE
+transaction, so two replicas can neither both accept a token nor both slip under
+the rate limit.  If it raises ``StoreError`` nothing may be issued (503).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Protocol
+
+ISSUED = "issued"
+REFUSED = "refused"
+
+
+class StoreError(Exception):
+    """The state database cannot be read or written; the signer fails closed."""
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    node: str
+    created: dt.datetime
+    expires: dt.datetime
+    secret_hash: str  # never shown; needed only to verify a presented secret
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One decision, issued or refused.  Never holds a token secret."""
+
+    time: dt.datetime
+    endpoint: str  # "sign", "enroll", "identity"
+    node: str | None  # the node the request is for, when known
+    identity: str  # who asked: "identity:<serial>", "kubelet:<serial>", "token:<id>", "anonymous"
+    reason: str  # the agent's stated reason ("cert-missing", "renewal", ...) or ""
+    outcome: str  # ISSUED or REFUSED
+    code: str | None = None  # SPEC error code of a refusal
+    message: str = ""
+    key_fingerprint: str | None = None
+    serial: str | None = None
+    not_before: dt.datetime | None = None
+    not_after: dt.datetime | None = None
+    peer: str = ""  # remote address
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What ``commit`` decided; ``code`` None means the certificate may be handed out."""
+
+    code: str | None = None
+    message: str = ""
+    retry_after: int | None = None  # seconds, for rate-limited
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def commit(
+        self,
+        record: AuditRecord,
+        *,
+        spend_token: str | None = None,
+        rate_limit: int | None = None,
+    ) -> Verdict:
+        """Write ``record`` and, for an ISSUED one, apply in the same transaction:
+
+        - ``spend_token``: mark that token spent with one conditional UPDATE (unspent,
+          unexpired at ``record.time``) that must affect exactly one row, else the
+          verdict is ``token-invalid``;
+        - a revoked ``record.node`` gives ``node-revoked``;
+        - ``rate_limit``: if that many ISSUED ``sign`` records exist for the node in
+          the hour before ``record.time``, ``rate-limited`` with ``retry_after``.
+        A refusal found here is what gets written (outcome REFUSED with its code).
+        """
+        ...
+
+    async def create_token(self, token: TokenInfo) -> None: ...
+
+    async def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
+        """An unspent, unrevoked, unexpired token, else None."""
+        ...
+
+    async def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
+        """Outstanding tokens (unspent, unrevoked, unexpired), oldest first."""
+        ...
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """True when an outstanding token was revoked."""
+        ...
+
+    async def set_node_revoked(self, node: str, revoked: bool, now: dt.datetime) -> None: ...
+
+    async def is_node_revoked(self, node: str) -> bool: ...
+
+    async def audit(self, node: str | None = None, limit: int = 1000) -> list[AuditRecord]:
+        """The newest ``limit`` records (of ``node``), oldest first."""
+        ...
+
+
+def open_store(state: str, database_url: str) -> Store:
+    """The store a config names: PostgreSQL when ``database_url`` is set, else SQLite."""
+    if database_url:
+        from .postgres import PostgresStore  # noqa: PLC0415 - psycopg only when asked
+
+        return PostgresStore(database_url)
+    from .sqlite import SqliteStore  # noqa: PLC0415
+
+    return SqliteStore(state)

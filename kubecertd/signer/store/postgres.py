@@ -1,0 +1,308 @@
+"""The signer's state in PostgreSQL, shared by several signer replicas (SPEC).
+
+Replicas agree through the database alone.  A token is spent by one conditional
+UPDATE: under READ COMMITTED a second UPDATE of the same row waits for the first and
+then re-checks its WHERE clause against the committed row, so it matches nothing
+(https://www.postgresql.org/docs/current/transaction-iso.html#XACT-READ-COMMITTED).
+A count cannot be protected that way, so a commit that issues first takes a
+transaction-scoped advisory lock on the node; the next replica's count, a new
+statement taken after the lock is granted, sees what the previous one committed.
+
+One connection per store, used by one coroutine at a time (``asyncio.Lock``): the
+signer's commits are short and psycopg_pool is not a dependency.  A broken connection
+fails its call (the signer answers 503) and is replaced on the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from . import ISSUED, AuditRecord, StoreError, TokenInfo, Verdict
+from .sqlite import (
+    AUDIT_COLUMNS,
+    TOKEN_INVALID,
+    WINDOW,
+    node_revoked,
+    rate_limited,
+    refused,
+    utc,
+    verdict_of,
+)
+
+# Advisory lock keys.  The node lock uses the two-int form, so kubecertd's locks live
+# in their own class and cannot collide with another application's one-int locks.
+_SCHEMA_LOCK = 0x6B63_6572_7464_0001  # "kcertd" + 1
+_NODE_LOCK_CLASS = 0x6B63_6572  # "kcer"
+
+CONNECT_TIMEOUT = 5  # seconds, unless database_url says otherwise
+STATEMENT_TIMEOUT = "10s"  # a hung database fails the request (503) rather than hangs it
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS tokens (
+        id text PRIMARY KEY,
+        secret_hash text NOT NULL,
+        node text NOT NULL,
+        created timestamptz NOT NULL,
+        expires timestamptz NOT NULL,
+        spent timestamptz,
+        revoked boolean NOT NULL DEFAULT false
+    )""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        time timestamptz NOT NULL,
+        endpoint text NOT NULL,
+        node text,
+        identity text NOT NULL,
+        reason text NOT NULL,
+        outcome text NOT NULL,
+        code text,
+        message text NOT NULL,
+        key_fingerprint text,
+        serial text,
+        not_before timestamptz,
+        not_after timestamptz,
+        peer text NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS audit_rate ON audit (node, endpoint, outcome, time)",
+    "CREATE INDEX IF NOT EXISTS audit_time ON audit (time)",  # the audit listing
+    """CREATE TABLE IF NOT EXISTS revoked_nodes (
+        node text PRIMARY KEY,
+        since timestamptz NOT NULL
+    )""",
+)
+_OUTSTANDING = (
+    "SELECT id, node, created, expires, secret_hash FROM tokens"
+    " WHERE spent IS NULL AND NOT revoked AND expires > %s"
+)
+
+Connection = psycopg.AsyncConnection[tuple[Any, ...]]
+
+
+def _token(row: Sequence[Any]) -> TokenInfo:
+    token_id, node, created, expires, secret_hash = row
+    return TokenInfo(token_id, node, utc(created), utc(expires), secret_hash)
+
+
+def _record(row: Sequence[Any]) -> AuditRecord:
+    values = dict(zip(AUDIT_COLUMNS, row, strict=True))
+    for name in ("time", "not_before", "not_after"):
+        if values[name] is not None:
+            values[name] = utc(values[name])
+    return AuditRecord(**values)
+
+
+def describe(url: str) -> str:
+    """The database a URL names, for messages: never its password."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "(unparsable database_url)"
+    host = info.get("host") or "localhost"
+    return f"{info.get('dbname') or '?'} on {host}:{info.get('port') or 5432}"
+
+
+class PostgresStore:
+    """``Store`` on a PostgreSQL database shared by every signer replica."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: Connection | None = None
+        self._lock = asyncio.Lock()
+        self._schema_ready = False
+
+    async def open(self) -> None:
+        async with self._session("connect"):
+            pass
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _session(self, what: str) -> AsyncIterator[Connection]:
+        """The connection, for this coroutine alone; psycopg errors become StoreError."""
+        async with self._lock:
+            try:
+                yield await self._connection()
+            except psycopg.Error as exc:
+                detail = " ".join(str(exc).split())  # libpq's messages span lines
+                raise StoreError(
+                    f"PostgreSQL state database {describe(self.url)}: cannot {what}: {detail}"
+                ) from exc
+
+    async def _connection(self) -> Connection:
+        if self._conn is not None and not self._conn.closed:  # closed includes broken
+            return self._conn
+        self._conn = None
+        try:
+            params = conninfo_to_dict(self.url)
+        except psycopg.Error:
+            # libpq's parse errors quote the URL, password and all: keep them out of
+            # the message and the traceback.
+            raise StoreError(
+                "PostgreSQL state database: database_url is not a valid connection URL"
+            ) from None
+        conninfo = self.url
+        if "connect_timeout" not in params:
+            conninfo = make_conninfo(conninfo, connect_timeout=CONNECT_TIMEOUT)
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        try:
+            await conn.execute("SET TIME ZONE 'UTC'")
+            await conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
+            if not self._schema_ready:
+                async with conn.transaction():
+                    # Replicas starting together would race CREATE ... IF NOT EXISTS
+                    # into a unique violation on the catalog; one at a time instead.
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                    for statement in _SCHEMA:
+                        await conn.execute(statement)
+                self._schema_ready = True
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    # --- the decision -----------------------------------------------------------------
+
+    async def commit(
+        self,
+        record: AuditRecord,
+        *,
+        spend_token: str | None = None,
+        rate_limit: int | None = None,
+    ) -> Verdict:
+        async with self._session("record the decision") as conn, conn.transaction():
+            verdict = verdict_of(record)
+            if record.outcome == ISSUED:
+                if record.node is not None:
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                        (_NODE_LOCK_CLASS, record.node),
+                    )
+                await conn.execute("SAVEPOINT checks")
+                verdict = await self._check(conn, record, spend_token, rate_limit)
+                if verdict.code is not None:
+                    # A refusal changes nothing but the audit: the token stays unspent.
+                    await conn.execute("ROLLBACK TO SAVEPOINT checks")
+                    record = refused(record, verdict)
+                await conn.execute("RELEASE SAVEPOINT checks")
+            await self._insert(conn, record)
+        return verdict
+
+    @staticmethod
+    async def _check(
+        conn: Connection,
+        record: AuditRecord,
+        spend_token: str | None,
+        rate_limit: int | None,
+    ) -> Verdict:
+        now = utc(record.time)
+        if spend_token is not None:
+            # The node too: a token is bound to one node (SPEC), whatever the caller did.
+            spent = await conn.execute(
+                "UPDATE tokens SET spent = %s WHERE id = %s AND node = %s"
+                " AND spent IS NULL AND NOT revoked AND expires > %s",
+                (now, spend_token, record.node, now),
+            )
+            if spent.rowcount != 1:
+                return TOKEN_INVALID
+        if record.node is None:
+            return Verdict()
+        revoked = await conn.execute("SELECT 1 FROM revoked_nodes WHERE node = %s", (record.node,))
+        if await revoked.fetchone():
+            return node_revoked(record.node)
+        if rate_limit is not None:
+            cursor = await conn.execute(
+                "SELECT time FROM audit WHERE node = %s AND endpoint = 'sign' AND outcome = %s"
+                " AND time > %s ORDER BY time DESC LIMIT %s",
+                (record.node, ISSUED, now - WINDOW, max(rate_limit, 0)),
+            )
+            rows = await cursor.fetchall()
+            if len(rows) >= rate_limit:
+                return rate_limited(record.node, rate_limit, [utc(r[0]) for r in rows], now)
+        return Verdict()
+
+    @staticmethod
+    async def _insert(conn: Connection, record: AuditRecord) -> None:
+        values = dataclasses.asdict(record)
+        for name in ("time", "not_before", "not_after"):
+            if values[name] is not None:
+                values[name] = utc(values[name])
+        await conn.execute(
+            f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)})"  # noqa: S608 - fixed names
+            f" VALUES ({', '.join(['%s'] * len(AUDIT_COLUMNS))})",
+            [values[name] for name in AUDIT_COLUMNS],
+        )
+
+    # --- tokens -----------------------------------------------------------------------
+
+    async def create_token(self, token: TokenInfo) -> None:
+        async with self._session(f"create token {token.id}") as conn:
+            await conn.execute(
+                "INSERT INTO tokens (id, secret_hash, node, created, expires)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (token.id, token.secret_hash, token.node, utc(token.created), utc(token.expires)),
+            )
+
+    async def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
+        async with self._session("read tokens") as conn:
+            cursor = await conn.execute(_OUTSTANDING + " AND id = %s", (utc(now), token_id))
+            row = await cursor.fetchone()
+        return _token(row) if row else None
+
+    async def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
+        async with self._session("read tokens") as conn:
+            cursor = await conn.execute(_OUTSTANDING + " ORDER BY created, id", (utc(now),))
+            rows = await cursor.fetchall()
+        return [_token(row) for row in rows]
+
+    async def revoke_token(self, token_id: str) -> bool:
+        async with self._session(f"revoke token {token_id}") as conn:
+            cursor = await conn.execute(
+                "UPDATE tokens SET revoked = true WHERE id = %s AND spent IS NULL AND NOT revoked",
+                (token_id,),
+            )
+            return cursor.rowcount == 1
+
+    # --- nodes and audit ----------------------------------------------------------------
+
+    async def set_node_revoked(self, node: str, revoked: bool, now: dt.datetime) -> None:
+        async with self._session(f"{'revoke' if revoked else 'allow'} node {node}") as conn:
+            if revoked:  # revoking again keeps the original date
+                await conn.execute(
+                    "INSERT INTO revoked_nodes (node, since) VALUES (%s, %s)"
+                    " ON CONFLICT (node) DO NOTHING",
+                    (node, utc(now)),
+                )
+            else:
+                await conn.execute("DELETE FROM revoked_nodes WHERE node = %s", (node,))
+
+    async def is_node_revoked(self, node: str) -> bool:
+        async with self._session("read revocations") as conn:
+            cursor = await conn.execute("SELECT 1 FROM revoked_nodes WHERE node = %s", (node,))
+            return await cursor.fetchone() is not None
+
+    async def audit(self, node: str | None = None, limit: int = 1000) -> list[AuditRecord]:
+        where, params = ("WHERE node = %s", [node]) if node is not None else ("", [])
+        async with self._session("read the audit") as conn:
+            cursor = await conn.execute(
+                f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit {where}"  # noqa: S608 - fixed names
+                " ORDER BY time DESC, id DESC LIMIT %s",
+                [*params, max(limit, 0)],
+            )
+            rows = await cursor.fetchall()
+        return [_record(row) for row in reversed(rows)]

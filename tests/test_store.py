@@ -1,0 +1,783 @@
+"""The ``Store`` contract: SQLite and PostgreSQL (a real server) pass the same tests.
+
+Times are explicit inputs; the rate-limit window is tested one second either side of
+its edge.  Concurrency is tested the way the signer runs: several store instances on
+one database (replicas) and, for SQLite, several OS processes (workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pg
+import psycopg
+import pytest
+
+from kubecertd.signer.store import (
+    ISSUED,
+    REFUSED,
+    AuditRecord,
+    Store,
+    StoreError,
+    TokenInfo,
+    Verdict,
+)
+from kubecertd.signer.store.postgres import PostgresStore
+from kubecertd.signer.store.sqlite import SqliteStore
+from kubecertd.signer.tokens import hash_secret, new_token
+
+T = TypeVar("T")
+UTC = dt.timezone.utc
+JST = dt.timezone(dt.timedelta(hours=9))
+T0 = dt.datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+SECOND = dt.timedelta(seconds=1)
+MINUTE = dt.timedelta(minutes=1)
+HOUR = dt.timedelta(hours=1)
+NODE = "server2277z.prod.jp.local"
+OTHER = "server2267z.prod.jp.local"
+TOKEN_ID = "0123456789ab"
+TOKEN_INVALID = Verdict("token-invalid", "the token is unknown, expired or already used")
+
+
+# --- builders -------------------------------------------------------------------------
+
+
+def _name(case: Callable[..., Any]) -> str:
+    """A parametrised case's test id: its function's name, dashed."""
+    return case.__name__.strip("_").replace("_", "-")
+
+
+def make_token(
+    token_id: str = TOKEN_ID,
+    node: str = NODE,
+    created: dt.datetime = T0,
+    ttl: dt.timedelta = HOUR,
+    secret: str = "0" * 32,
+) -> TokenInfo:
+    return TokenInfo(token_id, node, created, created + ttl, hash_secret(secret))
+
+
+def issued(
+    time: dt.datetime = T0, node: str | None = NODE, endpoint: str = "sign", **changes: Any
+) -> AuditRecord:
+    """An ISSUED record as the signer's handlers write it."""
+    record = AuditRecord(
+        time=time,
+        endpoint=endpoint,
+        node=node,
+        identity="identity:5f0c1e",
+        reason="renewal",
+        outcome=ISSUED,
+        key_fingerprint="sha256:9a1b",
+        serial="7d3e55aa01",
+        not_before=time - 5 * MINUTE,
+        not_after=time + dt.timedelta(days=30),
+        peer="10.0.0.7:50312",
+    )
+    return dataclasses.replace(record, **changes)
+
+
+def refused_csr(time: dt.datetime = T0, node: str | None = NODE) -> AuditRecord:
+    """A refusal the handler decided before the store (a bad CSR)."""
+    return dataclasses.replace(
+        issued(time, node),
+        outcome=REFUSED,
+        code="bad-csr",
+        message="not a CSR",
+        serial=None,
+        not_before=None,
+        not_after=None,
+    )
+
+
+# --- the two databases ----------------------------------------------------------------
+
+
+@dataclass
+class Db:
+    """One database under test, and raw access to it that bypasses the store."""
+
+    kind: str
+    new_store: Callable[[], Store]
+    dump: Callable[[], bytes]  # everything the database holds, as bytes
+    execute: Callable[[str], None]  # raw SQL
+    destroy: Callable[[], None]  # the database goes away under the store
+    fail_audit_inserts: str  # SQL planting a trigger that aborts every audit INSERT
+
+
+def sqlite_db(path: Path) -> Db:
+    def dump() -> bytes:
+        files = b"".join(p.read_bytes() for p in sorted(path.parent.iterdir()))
+        conn = sqlite3.connect(path)
+        try:
+            return files + "\n".join(conn.iterdump()).encode()
+        finally:
+            conn.close()
+
+    def execute(sql: str) -> None:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.executescript(sql)
+        finally:
+            conn.close()
+
+    return Db(
+        kind="sqlite",
+        new_store=lambda: SqliteStore(path),
+        dump=dump,
+        execute=execute,
+        destroy=lambda: shutil.rmtree(path.parent),
+        fail_audit_inserts="CREATE TRIGGER fail_audit BEFORE INSERT ON audit"
+        " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+    )
+
+
+def postgres_db(cluster: pg.Cluster, url: str) -> Db:
+    schema = url.rsplit("%3D", 1)[1]
+
+    def dump() -> bytes:
+        argv = [str(cluster.bindir / "pg_dump"), "--data-only", "--inserts", "-n", schema, url]
+        return subprocess.run(argv, capture_output=True, check=True, timeout=30).stdout
+
+    def execute(sql: str) -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.encode())
+
+    return Db(
+        kind="postgres",
+        new_store=lambda: PostgresStore(url),
+        dump=dump,
+        execute=execute,
+        destroy=lambda: cluster.drop_schema(schema),
+        fail_audit_inserts="CREATE FUNCTION fail_audit() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$BEGIN RAISE EXCEPTION 'disk on fire'; END$$;"
+        " CREATE TRIGGER fail_audit BEFORE INSERT ON audit"
+        " FOR EACH ROW EXECUTE FUNCTION fail_audit();",
+    )
+
+
+DB = pytest.StashKey[Db]()
+
+
+class Runner:
+    """Runs coroutines on the test's own event loop (psycopg binds a connection to one)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def __call__(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+
+@pytest.fixture
+def run() -> Iterator[Runner]:
+    """An event loop for the test, closed after it."""
+    runner = Runner()
+    yield runner
+    runner.loop.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, run: Runner) -> Iterator[Store]:
+    """An open store on a fresh database, one of each kind."""
+    if request.param == "sqlite":
+        db = sqlite_db(tmp_path / "state" / "state.db")
+    else:
+        cluster = request.getfixturevalue("postgres_cluster")
+        db = postgres_db(cluster, request.getfixturevalue("postgres_url"))
+    request.node.stash[DB] = db
+    opened = db.new_store()
+    run(opened.open())
+    yield opened
+    run(opened.close())
+
+
+@pytest.fixture
+def db(store: Store, request: pytest.FixtureRequest) -> Db:
+    """Raw access to the database behind ``store``."""
+    return request.node.stash[DB]
+
+
+@pytest.fixture
+def another(db: Db, run: Runner) -> Iterator[Callable[[], Store]]:
+    """Opens more stores on the same database, as other replicas would."""
+    opened: list[Store] = []
+
+    def open_another() -> Store:
+        new = db.new_store()
+        run(new.open())
+        opened.append(new)
+        return new
+
+    yield open_another
+    for each in opened:
+        run(each.close())
+
+
+# --- tokens ---------------------------------------------------------------------------
+
+
+def test_created_token_is_found(store: Store, run: Runner) -> None:
+    """A created token is found by id, equal to what was stored."""
+    token = make_token()
+    run(store.create_token(token))
+    assert run(store.find_token(token.id, T0)) == token
+
+
+def test_unknown_token_is_not_found(store: Store, run: Runner) -> None:
+    """find_token answers None for an id that was never created."""
+    assert run(store.find_token("ffffffffffff", T0)) is None
+
+
+def test_token_times_come_back_in_utc(store: Store, run: Runner) -> None:
+    """Times given in another zone come back as the same instants, as aware UTC."""
+    token = make_token(created=T0.astimezone(JST))
+    run(store.create_token(token))
+    found = run(store.find_token(token.id, T0))
+    assert found == token
+    assert found is not None
+    assert found.created.utcoffset() == found.expires.utcoffset() == dt.timedelta(0)
+
+
+def test_duplicate_token_id_is_a_store_error(store: Store, run: Runner) -> None:
+    """A second token with an existing id is refused and the first one stays."""
+    first = make_token()
+    run(store.create_token(first))
+    with pytest.raises(StoreError):
+        run(store.create_token(make_token(node=OTHER)))
+    assert run(store.find_token(first.id, T0)) == first
+
+
+def test_list_tokens_outstanding_oldest_first(store: Store, run: Runner) -> None:
+    """list_tokens shows unspent, unrevoked, unexpired tokens, oldest first."""
+    third = make_token("00000000000c", created=T0 + 2 * MINUTE)
+    first = make_token("00000000000a", created=T0)
+    second = make_token("00000000000b", created=T0 + MINUTE)
+    expired = make_token("0000000000e0", created=T0 - 2 * HOUR)
+    spent = make_token("0000000000e1")
+    revoked = make_token("0000000000e2")
+    for token in (third, first, second, expired, spent, revoked):
+        run(store.create_token(token))
+    assert run(store.commit(issued(endpoint="enroll"), spend_token=spent.id)) == Verdict()
+    assert run(store.revoke_token(revoked.id))
+    assert run(store.list_tokens(T0 + 5 * MINUTE)) == [first, second, third]
+
+
+def test_revoke_token_once(store: Store, run: Runner) -> None:
+    """revoke_token is True for an outstanding token only, which is then gone."""
+    token = make_token()
+    run(store.create_token(token))
+    assert run(store.revoke_token(token.id)) is True
+    assert run(store.revoke_token(token.id)) is False
+    assert run(store.revoke_token("ffffffffffff")) is False
+    assert run(store.find_token(token.id, T0)) is None
+    assert run(store.list_tokens(T0)) == []
+
+
+def test_revoking_a_spent_token_is_false(store: Store, run: Runner) -> None:
+    """A spent token is no longer outstanding, so it cannot be revoked."""
+    token = make_token()
+    run(store.create_token(token))
+    run(store.commit(issued(endpoint="enroll"), spend_token=token.id))
+    assert run(store.revoke_token(token.id)) is False
+
+
+# --- spending -------------------------------------------------------------------------
+
+
+def test_token_spends_once(store: Store, run: Runner) -> None:
+    """The first commit spends the token; the second is refused and audited as such."""
+    token = make_token()
+    run(store.create_token(token))
+    assert run(store.commit(issued(endpoint="enroll"), spend_token=token.id)) == Verdict()
+    again = issued(T0 + SECOND, endpoint="enroll")
+    assert run(store.commit(again, spend_token=token.id)) == TOKEN_INVALID
+    assert run(store.find_token(token.id, T0)) is None
+    assert [(r.outcome, r.code) for r in run(store.audit())] == [
+        (ISSUED, None),
+        (REFUSED, "token-invalid"),
+    ]
+
+
+def _unknown(store: Store, run: Runner) -> str:
+    return "ffffffffffff"
+
+
+def _spent(store: Store, run: Runner) -> str:
+    run(store.create_token(make_token()))
+    run(store.commit(issued(T0 - MINUTE, endpoint="enroll"), spend_token=TOKEN_ID))
+    return TOKEN_ID
+
+
+def _expired(store: Store, run: Runner) -> str:
+    run(store.create_token(make_token(created=T0 - HOUR)))
+    return TOKEN_ID
+
+
+def _revoked(store: Store, run: Runner) -> str:
+    run(store.create_token(make_token()))
+    run(store.revoke_token(TOKEN_ID))
+    return TOKEN_ID
+
+
+def _other_nodes(store: Store, run: Runner) -> str:
+    run(store.create_token(make_token(node=OTHER)))
+    return TOKEN_ID
+
+
+@pytest.mark.parametrize("prepare", [_unknown, _spent, _expired, _revoked, _other_nodes], ids=_name)
+def test_every_bad_token_gets_the_same_answer(
+    store: Store, run: Runner, prepare: Callable[[Store, Runner], str]
+) -> None:
+    """Unknown, spent, expired, revoked and other nodes' tokens get one identical refusal."""
+    token_id = prepare(store, run)
+    assert run(store.commit(issued(endpoint="enroll"), spend_token=token_id)) == TOKEN_INVALID
+    [*_, last] = run(store.audit())
+    assert (last.outcome, last.code, last.message) == (
+        REFUSED,
+        "token-invalid",
+        TOKEN_INVALID.message,
+    )
+
+
+@pytest.mark.parametrize(
+    ("offset", "verdict"),
+    [(-1, Verdict()), (0, TOKEN_INVALID), (1, TOKEN_INVALID)],
+    ids=["second-before-expiry", "at-expiry", "second-after-expiry"],
+)
+def test_token_expiry_boundary(store: Store, run: Runner, offset: int, verdict: Verdict) -> None:
+    """A token is good until one second before ``expires`` and bad from then on."""
+    token = make_token()
+    run(store.create_token(token))
+    when = token.expires + offset * SECOND
+    assert run(store.commit(issued(when, endpoint="enroll"), spend_token=token.id)) == verdict
+
+
+def test_a_refusal_spends_no_token(store: Store, run: Runner) -> None:
+    """A token presented for a revoked node stays unspent and works once the node is allowed."""
+    token = make_token()
+    run(store.create_token(token))
+    run(store.set_node_revoked(NODE, True, T0))
+    verdict = run(store.commit(issued(endpoint="enroll"), spend_token=token.id))
+    assert verdict.code == "node-revoked"
+    assert run(store.find_token(token.id, T0)) == token
+    run(store.set_node_revoked(NODE, False, T0))
+    assert run(store.commit(issued(endpoint="enroll"), spend_token=token.id)) == Verdict()
+
+
+def test_a_refused_record_spends_no_token(store: Store, run: Runner) -> None:
+    """A record the handler already refused is written as it is, and spends nothing."""
+    token = make_token()
+    run(store.create_token(token))
+    record = refused_csr()
+    assert run(store.commit(record, spend_token=token.id)) == Verdict("bad-csr", "not a CSR")
+    assert run(store.find_token(token.id, T0)) == token
+    assert run(store.audit()) == [record]
+
+
+def test_concurrent_spends_one_wins(
+    store: Store, another: Callable[[], Store], run: Runner
+) -> None:
+    """Two replicas spending one token at the same moment: exactly one succeeds."""
+    token = make_token()
+    run(store.create_token(token))
+    stores = [another(), another()]
+
+    async def race() -> list[Verdict]:
+        record = issued(endpoint="enroll")
+        return list(await asyncio.gather(*(s.commit(record, spend_token=token.id) for s in stores)))
+
+    assert sorted(v.code or "" for v in run(race())) == ["", "token-invalid"]
+    assert [r.outcome for r in run(store.audit())].count(ISSUED) == 1
+
+
+# --- node revocation ------------------------------------------------------------------
+
+
+def test_node_revoke_and_allow(store: Store, run: Runner) -> None:
+    """Revoking is per node and idempotent, and allowing undoes it."""
+    assert run(store.is_node_revoked(NODE)) is False
+    run(store.set_node_revoked(NODE, True, T0))
+    run(store.set_node_revoked(NODE, True, T0 + MINUTE))
+    assert run(store.is_node_revoked(NODE)) is True
+    assert run(store.is_node_revoked(OTHER)) is False
+    run(store.set_node_revoked(NODE, False, T0))
+    run(store.set_node_revoked(NODE, False, T0))
+    assert run(store.is_node_revoked(NODE)) is False
+
+
+@pytest.mark.parametrize("endpoint", ["sign", "enroll", "identity"])
+def test_revoked_node_is_refused_and_audited(store: Store, run: Runner, endpoint: str) -> None:
+    """Issuance to a revoked node is refused, and the refusal is the audit record."""
+    run(store.set_node_revoked(NODE, True, T0 - HOUR))
+    record = issued(endpoint=endpoint)
+    verdict = run(store.commit(record, rate_limit=10))
+    assert verdict.code == "node-revoked"
+    assert NODE in verdict.message
+    expected = dataclasses.replace(
+        record,
+        outcome=REFUSED,
+        code="node-revoked",
+        message=verdict.message,
+        serial=None,
+        not_before=None,
+        not_after=None,
+    )
+    assert run(store.audit()) == [expected]
+
+
+# --- rate limit -----------------------------------------------------------------------
+
+
+def _fill(store: Store, run: Runner, times: list[dt.datetime], limit: int = 3) -> None:
+    for when in times:
+        assert run(store.commit(issued(when), rate_limit=limit)) == Verdict()
+
+
+@pytest.mark.parametrize(
+    ("after_first", "retry_after"),
+    [
+        (dt.timedelta(minutes=30), 1800),
+        (HOUR - SECOND, 1),
+        (HOUR, None),
+        (HOUR + SECOND, None),
+        (HOUR - dt.timedelta(seconds=1.5), 2),
+    ],
+    ids=["mid-window", "second-before-edge", "at-edge", "second-after-edge", "rounds-up"],
+)
+def test_rate_limit_window_edge(
+    store: Store, run: Runner, after_first: dt.timedelta, retry_after: int | None
+) -> None:
+    """With the limit reached, the next issuance waits until the oldest leaves the hour."""
+    _fill(store, run, [T0, T0 + 10 * MINUTE, T0 + 20 * MINUTE])
+    verdict = run(store.commit(issued(T0 + after_first), rate_limit=3))
+    assert verdict.retry_after == retry_after
+    assert verdict.code == (None if retry_after is None else "rate-limited")
+
+
+def test_rate_limit_allows_exactly_n(store: Store, run: Runner) -> None:
+    """N issuances in an hour pass, the N+1th is refused, audited, and counts for nothing."""
+    _fill(store, run, [T0 + n * SECOND for n in range(10)], limit=10)
+    verdict = run(store.commit(issued(T0 + 10 * SECOND), rate_limit=10))
+    assert (verdict.code, verdict.retry_after) == ("rate-limited", 3590)
+    [*_, last] = run(store.audit())
+    assert (last.outcome, last.code, last.serial) == (REFUSED, "rate-limited", None)
+    assert run(store.commit(issued(T0 + HOUR), rate_limit=10)) == Verdict()
+
+
+def test_refused_records_do_not_count(store: Store, run: Runner) -> None:
+    """Refusals (bad CSRs, earlier rate limits) never use up the node's allowance."""
+    _fill(store, run, [T0, T0 + SECOND])
+    for n in range(5):
+        run(store.commit(refused_csr(T0 + (2 + n) * SECOND)))
+    assert run(store.commit(issued(T0 + 10 * SECOND), rate_limit=3)) == Verdict()
+    for n in range(3):
+        verdict = run(store.commit(issued(T0 + (11 + n) * SECOND), rate_limit=3))
+        assert verdict.code == "rate-limited"
+    assert run(store.commit(issued(T0 + HOUR), rate_limit=3)) == Verdict()
+
+
+def test_rate_limit_counts_this_nodes_signing_only(store: Store, run: Runner) -> None:
+    """Other nodes' certificates and identity issuances do not count toward the limit."""
+    for n in range(3):
+        run(store.commit(issued(T0 + n * SECOND, node=OTHER)))
+        run(store.commit(issued(T0 + n * SECOND, endpoint="identity")))
+        run(store.commit(issued(T0 + n * SECOND, endpoint="enroll")))
+    assert run(store.commit(issued(T0 + 10 * SECOND), rate_limit=1)) == Verdict()
+    assert run(store.commit(issued(T0 + 11 * SECOND), rate_limit=1)).code == "rate-limited"
+
+
+def test_lowered_limit_waits_until_enough_have_expired(store: Store, run: Runner) -> None:
+    """With more issuances than a lowered limit, Retry-After waits for enough to leave."""
+    _fill(store, run, [T0 + n * MINUTE for n in range(5)], limit=5)
+    verdict = run(store.commit(issued(T0 + 10 * MINUTE), rate_limit=3))
+    # Three of five must leave: the third oldest, at T0 + 2 min, leaves at T0 + 62 min.
+    assert verdict.retry_after == 52 * 60
+
+
+def test_rate_limit_holds_across_replicas(
+    store: Store, another: Callable[[], Store], run: Runner
+) -> None:
+    """Eight replicas committing at once, twice each, issue exactly the limit of five."""
+    replicas = [another() for _ in range(8)]
+
+    async def burst() -> list[Verdict]:
+        commits = [replicas[n % 8].commit(issued(T0 + n * SECOND), rate_limit=5) for n in range(16)]
+        return list(await asyncio.gather(*commits))
+
+    codes = [v.code for v in run(burst())]
+    assert (codes.count(None), codes.count("rate-limited")) == (5, 11)
+    assert [r.outcome for r in run(store.audit(NODE))].count(ISSUED) == 5
+
+
+# --- audit ----------------------------------------------------------------------------
+
+
+def test_audit_round_trips_every_field(store: Store, run: Runner) -> None:
+    """Every field of a record comes back as written, times as aware UTC."""
+    record = issued(T0.astimezone(JST), reason="cert-missing", identity="kubelet:0a1b")
+    run(store.commit(record))
+    [back] = run(store.audit())
+    assert back == record
+    for when in (back.time, back.not_before, back.not_after):
+        assert when is not None
+        assert when.utcoffset() == dt.timedelta(0)
+
+
+def test_audit_filters_by_node_oldest_first(store: Store, run: Runner) -> None:
+    """audit(node) lists that node's records only, oldest first whatever the write order."""
+    late, early = issued(T0 + MINUTE), issued(T0)
+    anonymous = dataclasses.replace(refused_csr(T0, node=None), identity="anonymous")
+    for record in (late, issued(T0, node=OTHER), early, anonymous):
+        run(store.commit(record))
+    assert run(store.audit(NODE)) == [early, late]
+    assert run(store.audit())[-1] == late
+    assert anonymous in run(store.audit())
+
+
+def test_audit_limit_keeps_the_newest(store: Store, run: Runner) -> None:
+    """With a limit, audit gives the newest records, still oldest first."""
+    records = [issued(T0 + n * SECOND) for n in range(5)]
+    for record in records:
+        run(store.commit(record))
+    assert run(store.audit(limit=2)) == records[3:]
+    assert run(store.audit(NODE, limit=3)) == records[2:]
+
+
+def test_state_survives_reopening(store: Store, db: Db, run: Runner) -> None:
+    """Tokens, revocations and the audit are still there after close and open."""
+    run(store.create_token(make_token()))
+    run(store.set_node_revoked(OTHER, True, T0))
+    run(store.commit(issued()))
+    run(store.close())
+    reopened = db.new_store()
+    run(reopened.open())
+    try:
+        assert run(reopened.find_token(TOKEN_ID, T0)) == make_token()
+        assert run(reopened.is_node_revoked(OTHER)) is True
+        assert run(reopened.audit()) == [issued()]
+    finally:
+        run(reopened.close())
+
+
+def test_no_token_secret_in_the_database(store: Store, db: Db, run: Runner) -> None:
+    """Only the hash of a token's secret reaches the database, whatever happens to it."""
+    token_id, secret = new_token()
+    run(store.create_token(make_token(token_id, secret=secret)))
+    record = issued(endpoint="enroll", identity=f"token:{token_id}")
+    run(store.commit(record, spend_token=token_id))
+    run(store.commit(record, spend_token=token_id))
+    raw = db.dump()
+    assert hash_secret(secret).encode() in raw  # the dump is real
+    assert secret.encode() not in raw
+
+
+# --- failures -------------------------------------------------------------------------
+
+
+def test_failed_commit_leaves_nothing(store: Store, db: Db, run: Runner) -> None:
+    """A commit failing at its last write is a StoreError that spends no token and audits nothing."""
+    token = make_token()
+    run(store.create_token(token))
+    db.execute(db.fail_audit_inserts)
+    with pytest.raises(StoreError, match="disk on fire") as caught:
+        run(store.commit(issued(endpoint="enroll"), spend_token=token.id))
+    assert isinstance(caught.value.__cause__, (sqlite3.Error, psycopg.Error))
+    assert run(store.find_token(token.id, T0)) == token
+    assert run(store.audit()) == []
+
+
+def test_vanished_database_is_a_store_error(store: Store, db: Db, run: Runner) -> None:
+    """With the database gone, every write is a StoreError: the signer fails closed."""
+    run(store.create_token(make_token()))
+    db.destroy()
+    with pytest.raises(StoreError):
+        run(store.commit(issued(endpoint="enroll"), spend_token=TOKEN_ID))
+    with pytest.raises(StoreError):
+        run(store.commit(refused_csr()))
+    with pytest.raises(StoreError):
+        run(store.create_token(make_token("00000000000f")))
+    with pytest.raises(StoreError):
+        run(store.set_node_revoked(NODE, True, T0))
+
+
+def _parent_is_a_file(tmp_path: Path) -> Store:
+    (tmp_path / "file").write_text("")
+    return SqliteStore(tmp_path / "file" / "state.db")
+
+
+def _not_a_database(tmp_path: Path) -> Store:
+    (tmp_path / "state.db").write_bytes(b"certainly not SQLite " * 100)
+    return SqliteStore(tmp_path / "state.db")
+
+
+def _connection_refused(tmp_path: Path) -> Store:
+    return PostgresStore("postgresql://signer:hunter2@127.0.0.1:1/kubecertd?connect_timeout=2")
+
+
+def _bad_url(tmp_path: Path) -> Store:
+    return PostgresStore("postgresql://signer:hunter2@[bad/kubecertd?port=x")
+
+
+@pytest.mark.parametrize(
+    "make", [_parent_is_a_file, _not_a_database, _connection_refused, _bad_url], ids=_name
+)
+def test_unusable_database_is_a_store_error_at_open(
+    make: Callable[[Path], Store], tmp_path: Path, run: Runner
+) -> None:
+    """A database that cannot be opened is a StoreError that names it, never its password."""
+    unusable = make(tmp_path)
+    with pytest.raises(StoreError) as caught:
+        run(unusable.open())
+    run(unusable.close())
+    assert "hunter2" not in str(caught.value)
+    assert "state database" in str(caught.value)
+
+
+def test_postgres_reconnects_after_losing_its_connection(postgres_url: str, run: Runner) -> None:
+    """A killed connection fails one call with StoreError; the next call reconnects."""
+    replica = PostgresStore(postgres_url)
+    run(replica.open())
+    try:
+        run(replica.create_token(make_token()))
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        with pytest.raises(StoreError):
+            run(replica.find_token(TOKEN_ID, T0))
+        assert run(replica.find_token(TOKEN_ID, T0)) == make_token()
+    finally:
+        run(replica.close())
+
+
+# --- SQLite: files and processes ------------------------------------------------------
+
+
+def test_sqlite_files_are_private(tmp_path: Path, run: Runner) -> None:
+    """A new state directory is 0700 and the database and its WAL files are 0600."""
+    path = tmp_path / "new" / "state.db"
+    sqlite = SqliteStore(path)
+    run(sqlite.open())
+    try:
+        run(sqlite.commit(issued()))
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()}
+        assert modes == {"state.db": 0o600, "state.db-wal": 0o600, "state.db-shm": 0o600}
+    finally:
+        run(sqlite.close())
+
+
+# One signer worker process, kept light (no pytest in it) so that four start quickly.
+# It reports on stdout and waits for a line on stdin twice, so the test can make all
+# workers open the file together and then commit together.
+WORKER = """
+import asyncio, datetime as dt, json, sys
+from kubecertd.signer.store import ISSUED, AuditRecord
+from kubecertd.signer.store.sqlite import SqliteStore
+
+async def work(path, jobs):
+    print("started", flush=True)
+    sys.stdin.readline()
+    store = SqliteStore(path)
+    await store.open()
+    print("opened", flush=True)
+    sys.stdin.readline()
+    codes = []
+    for job in jobs:
+        record = AuditRecord(
+            time=dt.datetime.fromisoformat(job["time"]), endpoint=job["endpoint"],
+            node=job["node"], identity="identity:5f0c1e", reason="", outcome=ISSUED,
+        )
+        verdict = await store.commit(record, spend_token=job["token"], rate_limit=job["limit"])
+        codes.append(verdict.code)
+    await store.close()
+    print(json.dumps(codes), flush=True)
+
+asyncio.run(work(sys.argv[1], json.loads(sys.argv[2])))
+"""
+
+
+def _job(
+    time: dt.datetime, endpoint: str = "sign", token: str | None = None, limit: int | None = None
+) -> dict[str, Any]:
+    return {
+        "time": time.isoformat(),
+        "endpoint": endpoint,
+        "node": NODE,
+        "token": token,
+        "limit": limit,
+    }
+
+
+def _run_workers(path: Path, jobs: list[list[dict[str, Any]]]) -> list[str | None]:
+    """Run one worker process per job list, in lockstep; all their verdict codes."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    argv = [sys.executable, "-c", WORKER, os.fspath(path)]
+    workers = [
+        subprocess.Popen(
+            [*argv, json.dumps(job)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for job in jobs
+    ]
+    try:
+        for step in ("started", "opened"):
+            for worker in workers:
+                assert worker.stdout is not None
+                assert worker.stdout.readline().strip() == step
+            for worker in workers:
+                assert worker.stdin is not None
+                worker.stdin.write("go\n")
+                worker.stdin.flush()
+        outputs = [worker.communicate(timeout=30)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    assert [w.returncode for w in workers] == [0] * len(workers)
+    return [code for output in outputs for code in json.loads(output)]
+
+
+def test_sqlite_token_spent_once_across_processes(tmp_path: Path, run: Runner) -> None:
+    """Four worker processes presenting one token at once: exactly one is accepted."""
+    path = tmp_path / "state.db"
+    sqlite = SqliteStore(path)
+    run(sqlite.open())
+    run(sqlite.create_token(make_token()))
+    run(sqlite.close())
+    job = [_job(T0, "enroll", token=TOKEN_ID)]
+    codes = _run_workers(path, [job] * 4)
+    assert sorted(code or "" for code in codes) == ["", *["token-invalid"] * 3]
+
+
+def test_sqlite_rate_limit_holds_across_processes(tmp_path: Path, run: Runner) -> None:
+    """Four worker processes opening a new file together issue exactly the limit between them."""
+    path = tmp_path / "fresh" / "state.db"
+    job = [_job(T0 + n * SECOND, limit=10) for n in range(5)]
+    codes = _run_workers(path, [job] * 4)
+    assert (codes.count(None), codes.count("rate-limited")) == (10, 10)
+    sqlite = SqliteStore(path)
+    run(sqlite.open())
+    try:
+        assert [r.outcome for r in run(sqlite.audit())].count(ISSUED) == 10
+    finally:
+        run(sqlite.close())
