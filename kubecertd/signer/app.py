@@ -211,7 +211,8 @@ async def issue(request: web.Request, ask: Ask) -> tuple[x509.Certificate, str]:
     record = AuditRecord(
         time=now,
         endpoint=ask.endpoint,
-        node=decision.node,
+        # The requester's node, so `audit --node A` shows A asking for B's certificate.
+        node=ask.identity.node if ask.identity else decision.node,
         identity=ask.identity.describe() if ask.identity else "anonymous",
         reason=ask.reason,
         outcome=ISSUED if decision.accepted else REFUSED,

@@ -1,0 +1,460 @@
+"""``kubecertd-signer``'s command line: init, tokens, exit statuses, one-line errors.
+
+Most cases call ``main(argv)`` in-process (the same code the binary runs, without an
+interpreter start-up each); a few run the installed binary to pin the real exit
+status and output.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from signer_harness import Signer, csr_pem, free_port, init_signer_dir, run_cli
+
+from kubecertd import pki
+from kubecertd.signer.cli import main
+from kubecertd.signer.config import read_signer_config
+
+import factories
+
+UTC = dt.timezone.utc
+TOKEN = re.compile(r"([0-9a-f]{12})\.([0-9a-f]{32})")  # SPEC: <id>.<secret>, secret >= 128 bits
+KEYS = ("ca-key.pem", "identity-ca-key.pem", "signer-key.pem")
+CERTS = ("ca.pem", "identity-ca.pem", "signer.pem")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    status = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(err: str, *needles: str) -> None:
+    """stderr is at most a usage block, then exactly one error line naming ``needles``."""
+    assert "Traceback" not in err
+    lines = err.rstrip("\n").splitlines()
+    errors = [line for line in lines if line.startswith("kubecertd-signer: error:")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err
+    usage = lines[:-1]
+    assert not usage or (
+        usage[0].startswith("usage:") and all(line[:1] == " " for line in usage[1:])
+    )
+    for needle in needles:
+        assert needle in errors[0]
+
+
+def openssl_ca(folder: Path, name: str = "ca") -> tuple[Path, Path]:
+    """A kube-aws style cluster CA: ``openssl genrsa`` and a self-signed ``openssl req -x509``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key, cert = folder / f"{name}-key.pem", folder / f"{name}.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-new", "-nodes", "-key", str(key), "-days", "10000",
+         "-out", str(cert), "-subj", "/CN=kube-ca"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def kube_aws_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One openssl-made RSA cluster CA (certificate, key) for the module."""
+    return openssl_ca(tmp_path_factory.mktemp("kube-aws"))
+
+
+@pytest.fixture(scope="module")
+def signer_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An init-written signer.toml (nothing serving it) for commands that only need the store."""
+    return init_signer_dir(tmp_path_factory.mktemp("signer-dir"))
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# -- init -----------------------------------------------------------------------------------
+
+
+def test_init_adopts_openssl_rsa_ca(kube_aws_ca: tuple[Path, Path], tmp_path: Path) -> None:
+    """init adopts a kube-aws RSA CA as is and writes the identity CA, TLS pair and config."""
+    ca, ca_key = kube_aws_ca
+    directory = tmp_path / "signer"
+    result = run_cli("init", "--dir", directory, "--cluster-ca", ca, "--cluster-ca-key", ca_key,
+                     "--hostname", "signer.example", "--ip", "127.0.0.1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert (directory / "ca.pem").read_bytes() == ca.read_bytes()
+    adopted = pki.load_private_key((directory / "ca-key.pem").read_bytes())
+    original = pki.load_private_key(ca_key.read_bytes())
+    assert pki.same_public_key(adopted.public_key(), original.public_key())
+    for name in KEYS:
+        assert mode(directory / name) == 0o600, name
+    for name in (*CERTS, "signer.toml"):
+        assert mode(directory / name) & 0o077 in (0o044, 0o000), name  # readable, never writable
+    assert mode(directory) & 0o077 == 0
+
+    identity_ca = x509.load_pem_x509_certificate((directory / "identity-ca.pem").read_bytes())
+    serving = x509.load_pem_x509_certificate((directory / "signer.pem").read_bytes())
+    assert pki.is_ca(identity_ca)
+    assert pki.issued_by(serving, identity_ca)
+    names = serving.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["signer.example"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    usages = serving.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in usages
+    assert f"{directory}/identity-ca.pem" in result.stdout  # what nodes install as [signer] ca
+
+    config = read_signer_config(str(directory / "signer.toml"))
+    assert (config.cluster_ca.cert, config.cluster_ca.key) == (
+        f"{directory}/ca.pem",
+        f"{directory}/ca-key.pem",
+    )
+    assert (config.identity_ca.cert, config.identity_ca.key) == (
+        f"{directory}/identity-ca.pem",
+        f"{directory}/identity-ca-key.pem",
+    )
+    assert (config.tls.cert, config.tls.key) == (
+        f"{directory}/signer.pem",
+        f"{directory}/signer-key.pem",
+    )
+    assert config.state == f"{directory}/state.db"
+    assert config.policy.cert_lifetime == 30 * 86400
+    assert config.policy.max_issuances_per_node_per_hour == 10
+
+
+def test_adopted_rsa_ca_signs_kubelet_certificates(
+    kube_aws_ca: tuple[Path, Path], start_signer: Callable[..., Signer], tmp_path: Path
+) -> None:
+    """A signer on an adopted openssl RSA CA issues certificates that openssl verifies with it."""
+    ca, ca_key = kube_aws_ca
+    signer = start_signer(init_args=("--cluster-ca", str(ca), "--cluster-ca-key", str(ca_key)))
+    kubelet, _ = signer.kubelet_cert("worker-1", signer.enroll("worker-1"))
+    result = subprocess.run(
+        ["openssl", "verify", "-purpose", "sslclient", "-CAfile", str(ca), str(kubelet)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    cert = x509.load_pem_x509_certificate(kubelet.read_bytes())
+    assert cert.signature_algorithm_oid == x509.oid.SignatureAlgorithmOID.RSA_WITH_SHA256
+
+
+def test_init_refuses_a_key_of_another_ca(
+    kube_aws_ca: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A cluster CA key that does not belong to the certificate is one error naming the key file."""
+    ca, _ = kube_aws_ca
+    _, other_key = openssl_ca(tmp_path / "other")
+    directory = tmp_path / "signer"
+    status, out, err = run(capsys, "init", "--dir", directory, "--cluster-ca", ca,
+                           "--cluster-ca-key", other_key, "--hostname", "localhost")  # fmt: skip
+    assert status == 2
+    assert out == ""
+    assert_one_line_error(err, str(other_key))
+    assert not directory.exists()
+
+
+@pytest.mark.parametrize("constraint", [False, None], ids=["ca-false", "no-basic-constraints"])
+def test_init_refuses_a_certificate_that_is_not_a_ca(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, constraint: bool | None
+) -> None:
+    """A cluster CA file that is not a CA (CA:FALSE, or no basicConstraints) is refused, naming it."""
+    issued = factories.make_ca(ca=constraint, not_before=dt.datetime.now(UTC))
+    cert, key = tmp_path / "ca.pem", tmp_path / "ca-key.pem"
+    cert.write_bytes(issued.pem)
+    key.write_bytes(issued.key_pem)
+    status, _, err = run(capsys, "init", "--dir", tmp_path / "signer", "--cluster-ca", cert,
+                         "--cluster-ca-key", key, "--hostname", "localhost")  # fmt: skip
+    assert status == 2
+    assert_one_line_error(err, str(cert), "not a CA")
+    assert not (tmp_path / "signer").exists()
+
+
+def test_init_refuses_to_overwrite_without_force(
+    kube_aws_ca: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A second init stops with exit 1 and touches nothing; --force replaces the setup."""
+    directory = tmp_path / "signer"
+    args = ("init", "--dir", directory, "--new-cluster-ca", "--hostname", "localhost")
+    assert run(capsys, *args)[0] == 0
+    before = {path.name: path.read_bytes() for path in directory.iterdir()}
+
+    status, out, err = run(capsys, *args)
+    assert (status, out) == (1, "")
+    assert_one_line_error(err, str(directory), "--force")
+    assert {path.name: path.read_bytes() for path in directory.iterdir()} == before
+
+    _, other_key = openssl_ca(tmp_path / "other")
+    failed = run(capsys, "init", "--dir", directory, "--cluster-ca", kube_aws_ca[0],
+                 "--cluster-ca-key", other_key, "--hostname", "localhost", "--force")  # fmt: skip
+    assert failed[0] == 2
+    assert {path.name: path.read_bytes() for path in directory.iterdir()} == before
+
+    assert run(capsys, *args, "--force")[0] == 0
+    after = {path.name: path.read_bytes() for path in directory.iterdir()}
+    assert after.keys() == before.keys()
+    for name in ("ca.pem", "identity-ca.pem", "signer.pem", *KEYS):
+        assert after[name] != before[name], name
+    for name in KEYS:
+        assert mode(directory / name) == 0o600
+
+
+# -- tokens ---------------------------------------------------------------------------------
+
+
+def test_token_create_prints_only_the_token(
+    signer_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`token create` prints just ``<id>.<secret>`` on stdout, so that TOKEN=$(...) works."""
+    status, out, err = run(
+        capsys, "token", "create", "--node", "worker-1", "--config", signer_config
+    )
+    assert (status, err) == (0, "")
+    assert TOKEN.fullmatch(out.removesuffix("\n"))
+    assert out.count("\n") == 1
+
+
+def test_token_create_json(signer_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`token create --json` gives id, token, node and the expiry (default 1h, or --ttl)."""
+    started = dt.datetime.now(UTC).replace(microsecond=0)
+    for ttl, lifetime in ((None, dt.timedelta(hours=1)), ("15m", dt.timedelta(minutes=15))):
+        extra = ("--ttl", ttl) if ttl else ()
+        status, out, _ = run(capsys, "--config", signer_config, "token", "create",
+                             "--node", "worker-2.example", "--json", *extra)  # fmt: skip
+        assert status == 0
+        body = json.loads(out)
+        assert set(body) == {"id", "token", "node", "expires"}
+        match = TOKEN.fullmatch(body["token"])
+        assert match
+        assert match[1] == body["id"]
+        assert body["node"] == "worker-2.example"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", body["expires"])
+        expires = dt.datetime.strptime(body["expires"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        assert started + lifetime <= expires <= dt.datetime.now(UTC) + lifetime
+
+
+def test_token_list_never_shows_the_secret(
+    signer_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`token list` (table and --json) shows each outstanding token's id, node and expiry, no secret."""
+    created = []
+    for node in ("list-a", "list-b"):
+        _, out, _ = run(capsys, "token", "create", "--node", node, "--config", signer_config)
+        created.append(out.strip().split("."))
+    status, listing, _ = run(capsys, "token", "list", "--json", "--config", signer_config)
+    assert status == 0
+    entries = {entry["id"]: entry for entry in json.loads(listing)}
+    status, table, _ = run(capsys, "token", "list", "--config", signer_config)
+    assert status == 0
+    assert table.splitlines()[0].split() == ["ID", "NODE", "EXPIRES"]
+    for (token_id, secret), node in zip(created, ("list-a", "list-b"), strict=True):
+        assert set(entries[token_id]) == {"id", "node", "expires"}
+        assert entries[token_id]["node"] == node
+        assert token_id in table
+        assert secret not in listing
+        assert secret not in table
+
+
+def test_revoked_token_cannot_enroll(signer: Signer, capsys: pytest.CaptureFixture[str]) -> None:
+    """`token revoke ID` removes the token from the list, and enrolling with it is token-invalid."""
+    token = signer.token("revoked-token")
+    token_id = token.split(".")[0]
+    status, out, _ = run(capsys, "token", "revoke", token_id, "--config", signer.config)
+    assert status == 0
+    assert token_id in out
+    _, listing, _ = run(capsys, "token", "list", "--json", "--config", signer.config)
+    assert token_id not in {entry["id"] for entry in json.loads(listing)}
+    csr = pki.build_csr(pki.generate_key("ecdsa-p256"), pki.identity_subject("revoked-token"))
+    answer = signer.post("/v1/enroll", {"token": token, "csr": csr_pem(csr)})
+    assert answer.status_code == 403
+    assert answer.json()["error"] == "token-invalid"
+    status, _, err = run(capsys, "token", "revoke", token_id, "--config", signer.config)
+    assert status == 1
+    assert_one_line_error(err, token_id)
+
+
+# -- exit statuses --------------------------------------------------------------------------
+
+BAD_FLAGS = {
+    "unknown-flag": "--frobnicate",
+    "no-command": "",
+    "unknown-command": "sign",
+    "token-without-action": "token",
+    "token-create-without-node": "token create",
+    "token-create-invalid-node": "token create --node Worker_1",
+    "token-create-bad-ttl": "token create --node worker-1 --ttl 5parsecs",
+    "node-revoke-invalid-name": "node revoke Worker_1",
+    "serve-zero-workers": "serve --workers 0",
+    "serve-workers-not-a-number": "serve --workers two",
+    "serve-bad-listen": "serve --listen nowhere",
+    "init-without-hostname": "init --dir {tmp}/x --new-cluster-ca",
+    "init-without-ca-choice": "init --dir {tmp}/x --hostname localhost",
+    "init-both-ca-choices": "init --dir {tmp}/x --hostname localhost --new-cluster-ca"
+    " --cluster-ca {tmp}/ca.pem --cluster-ca-key {tmp}/ca-key.pem",
+}
+
+
+@pytest.mark.parametrize("argv", list(BAD_FLAGS.values()), ids=list(BAD_FLAGS))
+def test_bad_flag_exits_2_with_one_line(
+    signer_config: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: str
+) -> None:
+    """A bad flag or argument exits 2 with the usage and one error line, never a traceback."""
+    args = argv.format(tmp=tmp_path).split()
+    if args and args[0] in ("token", "node", "serve"):
+        args += ["--config", str(signer_config)]
+    status, out, err = run(capsys, *args)
+    assert status == 2
+    assert out == ""
+    assert_one_line_error(err)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(("--ip", "not-an-ip"), id="init-bad-ip"),
+        pytest.param(("--cluster-ca", "{tmp}/ca.pem"), id="init-cluster-ca-without-key"),
+    ],
+)
+def test_init_bad_flag_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    """init with a bad --ip, or --cluster-ca without its key, is a bad flag: exit 2."""
+    args = [arg.format(tmp=tmp_path) for arg in argv]
+    if "--cluster-ca" not in args:
+        args.append("--new-cluster-ca")
+    status, _, err = run(capsys, "init", "--dir", tmp_path / "x", "--hostname", "localhost", *args)
+    assert_one_line_error(err)
+    assert status == 2
+
+
+@pytest.mark.parametrize(
+    "ttl",
+    [
+        pytest.param("0s", id="zero"),
+        pytest.param("3000000d", id="past-year-9999"),
+    ],
+)
+def test_impossible_token_ttl_exits_2(signer_config: Path, ttl: str) -> None:
+    """`token create --ttl` with a zero or impossibly long lifetime is a bad flag: exit 2."""
+    result = run_cli(
+        "token", "create", "--node", "worker-1", "--ttl", ttl, "--config", signer_config
+    )
+    assert_one_line_error(result.stderr, "--ttl")
+    assert result.returncode == 2
+
+
+def bad_config(signer_config: Path, tmp_path: Path, line: str, replacement: str) -> Path:
+    """A copy of an init-written signer.toml with the one line matching ``line`` replaced."""
+    text, count = re.subn(rf"(?m)^{line}$", replacement, signer_config.read_text())
+    assert count == 1, line
+    path = tmp_path / "signer.toml"
+    path.write_text(text)
+    return path
+
+
+BAD_CONFIGS = {
+    "policy.cert_lifetime": (r"cert_lifetime = .*", 'cert_lifetime = "forever"'),
+    "policy.token_ttl": (r"token_ttl = .*", 'token_ttl = "0s"'),
+    "policy.max_issuances_per_node_per_hour": (
+        r"max_issuances_per_node_per_hour = .*",
+        'max_issuances_per_node_per_hour = "ten"',
+    ),
+    "policy.max_issuances": (r"max_issuances_per_node_per_hour = .*", "max_issuances = 3"),
+    "listen": (r"listen = .*", 'listen = "nowhere"'),
+    "database_url": (r"# database_url = .*", 'database_url = "mysql://db/kubecertd"'),
+    "tls.cert": (r'cert = ".*/signer\.pem"', "cert = 1"),
+    "not valid TOML": (r"\[policy\]", "[policy"),
+}
+
+
+@pytest.mark.parametrize("change", list(BAD_CONFIGS.values()), ids=list(BAD_CONFIGS))
+def test_bad_config_exits_2_naming_the_key(
+    request: pytest.FixtureRequest,
+    signer_config: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    change: tuple[str, str],
+) -> None:
+    """A wrong value, type or unknown key in signer.toml exits 2 with one line naming file and key."""
+    config = bad_config(signer_config, tmp_path, *change)
+    needle = request.node.callspec.id
+    for argv in (("token", "list"), ("serve",), ("audit",)):
+        status, out, err = run(capsys, *argv, "--config", config)
+        assert (status, out) == (2, "")
+        assert_one_line_error(err, str(config), needle)
+
+
+def test_bad_ca_file_in_config_exits_2_before_listening(
+    signer_config: Path, tmp_path: Path
+) -> None:
+    """`serve` with a cluster CA path that does not exist exits 2 naming that file."""
+    missing = tmp_path / "gone" / "ca.pem"
+    config = bad_config(signer_config, tmp_path, r'cert = ".*/ca\.pem"', f'cert = "{missing}"')
+    listen = f"127.0.0.1:{free_port()}"
+    result = run_cli("serve", "--config", config, "--listen", listen, timeout=30)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert_one_line_error(result.stderr, str(missing))
+
+
+def test_impossible_lifetime_in_config_exits_2(signer_config: Path, tmp_path: Path) -> None:
+    """A lifetime past the year 9999 in signer.toml is a configuration error naming the key."""
+    config = bad_config(signer_config, tmp_path, "token_ttl = .*", 'token_ttl = "3000000d"')
+    result = run_cli("token", "create", "--node", "worker-1", "--config", config)
+    assert_one_line_error(result.stderr, "policy.token_ttl")
+    assert result.returncode == 2
+
+
+def test_missing_config_file_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A --config file that does not exist exits 2 naming it."""
+    missing = tmp_path / "nowhere" / "signer.toml"
+    for argv in (("token", "list"), ("audit",), ("node", "revoke", "worker-1"), ("serve",)):
+        status, out, err = run(capsys, *argv, "--config", missing)
+        assert (status, out) == (2, "")
+        assert_one_line_error(err, str(missing))
+
+
+def test_the_binary_exits_2_on_bad_flag_and_missing_config(tmp_path: Path) -> None:
+    """The installed kubecertd-signer exits 2 with one error line for a bad flag and a missing config."""
+    missing = tmp_path / "signer.toml"
+    for argv in (("token", "create", "--frobnicate"), ("token", "list", "--config", str(missing))):
+        result = run_cli(*argv)
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        assert_one_line_error(result.stderr)
+
+
+def test_node_revoke_and_allow_print_the_state(
+    signer_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`node revoke` and `node allow` exit 0 and say what issuance for the node now is."""
+    status, out, _ = run(capsys, "node", "revoke", "worker-9", "--config", signer_config)
+    assert (status, out) == (0, "node worker-9: issuance refused\n")
+    status, out, _ = run(capsys, "node", "allow", "worker-9", "--config", signer_config)
+    assert (status, out) == (0, "node worker-9: issuance allowed\n")
+
+
+def test_audit_json_of_a_fresh_signer_is_an_empty_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`audit --json` on a signer that decided nothing yet prints []."""
+    config = init_signer_dir(tmp_path / "fresh")
+    status, out, _ = run(capsys, "audit", "--json", "--config", config)
+    assert (status, json.loads(out)) == (0, [])
+
+
+def test_init_keys_are_private_from_the_start(signer_config: Path) -> None:
+    """Every private key init writes is mode 0600 and parses as an unencrypted PEM key."""
+    for name in KEYS:
+        path = signer_config.parent / name
+        assert mode(path) == 0o600, name
+        serialization.load_pem_private_key(path.read_bytes(), password=None)
