@@ -26,7 +26,7 @@ $(BIN)/.installed: pyproject.toml | deps
 venv: deps $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check kubecertd tests bench
+	$(BIN)/ruff check kubecertd tests bench tools
 	$(BIN)/ruff format --check kubecertd
 	$(BIN)/mypy
 

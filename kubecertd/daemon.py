@@ -114,8 +114,7 @@ class Daemon:
                 )
             watcher = Watcher([config.ssl_dir, *self._directories()])
             wakeup = self._install_signals()
-            self.cycle("start")
-            notify("READY=1")
+            self.cycle("start")  # sends READY=1 as soon as the first diagnosis is taken
             interval = watchdog_interval()
             while not self.stopping:
                 if interval is not None and (
@@ -190,6 +189,8 @@ class Daemon:
         if why == "change" and fingerprint(material) == self.own:
             return diagnosis  # our own install, already judged
         self._log_check(diagnosis, why)
+        if why == "start":
+            notify("READY=1")  # after the first diagnosis, before any healing (SPEC)
         reason = healing_reason(diagnosis, self.config, self.clock())
         waiting = self.timers.retry is not None and self.monotonic() < self.timers.retry
         if reason and not waiting:
@@ -207,12 +208,20 @@ class Daemon:
             outcome = healer.heal(diagnosis, material, reason)
         except (SignerError, VerificationError, InstallError) as exc:
             return self._failed(diagnosis, reason, exc)
-        self.counters.renewals["success"] += 1
         if outcome.restarted is not None:
             self.counters.kubelet_restarts += 1 + int(outcome.rolled_back)
-        self.timers.retry, self.attempts = None, 0
         material, diagnosis = self.diagnose_now()
         self.own = fingerprint(material)
+        if outcome.rolled_back:  # the old pair is back: try the renewal again later, not now
+            self.counters.renewals["failure"] += 1
+            self.attempts += 1
+            self.timers.retry = self.monotonic() + schedule.backoff(self.attempts, self.random)
+            notify(
+                f"STATUS=rolled back to the previous certificate, retrying in {self.timers.retry - self.monotonic():.0f}s"
+            )
+            return diagnosis
+        self.counters.renewals["success"] += 1
+        self.timers.retry, self.attempts = None, 0
         return diagnosis
 
     def _failed(self, diagnosis: Diagnosis, reason: str, exc: KubecertdError) -> Diagnosis:

@@ -53,10 +53,14 @@ def retry_delay(attempt: int, random: Callable[[], float], retry_after: float | 
 
 
 def restarts_left(history: Sequence[float], now: float, per_hour: int) -> int:
-    """How many kubelet restarts the budget allows now, given past restart times."""
-    recent = sum(1 for moment in history if now - 3600 < moment <= now)
+    """How many kubelet restarts the budget allows now, given past restart times.
+
+    A restart stamped in the future (the clock stepped back) still counts: a clock
+    step must never buy extra restarts.
+    """
+    recent = sum(1 for moment in history if moment > now - 3600)
     return max(0, per_hour - recent)
 
 
 def prune_history(history: Sequence[float], now: float) -> list[float]:
-    return [moment for moment in history if now - 3600 < moment <= now]
+    return [moment for moment in history if moment > now - 3600]

@@ -17,12 +17,12 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pg
 import psycopg
 import pytest
 
@@ -38,6 +38,8 @@ from kubecertd.signer.store import (
 from kubecertd.signer.store.postgres import PostgresStore
 from kubecertd.signer.store.sqlite import SqliteStore
 from kubecertd.signer.tokens import hash_secret, new_token
+
+import pg
 
 T = TypeVar("T")
 UTC = dt.timezone.utc
@@ -110,7 +112,6 @@ def refused_csr(time: dt.datetime = T0, node: str | None = NODE) -> AuditRecord:
 class Db:
     """One database under test, and raw access to it that bypasses the store."""
 
-    kind: str
     new_store: Callable[[], Store]
     dump: Callable[[], bytes]  # everything the database holds, as bytes
     execute: Callable[[str], None]  # raw SQL
@@ -135,7 +136,6 @@ def sqlite_db(path: Path) -> Db:
             conn.close()
 
     return Db(
-        kind="sqlite",
         new_store=lambda: SqliteStore(path),
         dump=dump,
         execute=execute,
@@ -157,7 +157,6 @@ def postgres_db(cluster: pg.Cluster, url: str) -> Db:
             conn.execute(sql.encode())
 
     return Db(
-        kind="postgres",
         new_store=lambda: PostgresStore(url),
         dump=dump,
         execute=execute,
@@ -682,6 +681,26 @@ def test_sqlite_files_are_private(tmp_path: Path, run: Runner) -> None:
         run(sqlite.close())
 
 
+def test_sqlite_open_waits_for_another_worker_creating_the_file(
+    tmp_path: Path, run: Runner
+) -> None:
+    """Opening a new file that another worker holds locked waits for it instead of failing."""
+    path = tmp_path / "state.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE early (a)")  # a new file, still in rollback-journal mode
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, other.execute, ("COMMIT",))
+    release.start()
+    sqlite = SqliteStore(path)
+    try:
+        run(sqlite.open())  # SQLite itself reports this lock at once, busy timeout or not
+        assert run(sqlite.commit(issued())) == Verdict()
+    finally:
+        release.join()
+        other.close()
+        run(sqlite.close())
+
+
 # One signer worker process, kept light (no pytest in it) so that four start quickly.
 # It reports on stdout and waits for a line on stdin twice, so the test can make all
 # workers open the file together and then commit together.
@@ -724,25 +743,30 @@ def _job(
     }
 
 
-def _run_workers(path: Path, jobs: list[list[dict[str, Any]]]) -> list[str | None]:
+def _run_workers(path: Path, logs: Path, jobs: list[list[dict[str, Any]]]) -> list[str | None]:
     """Run one worker process per job list, in lockstep; all their verdict codes."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     argv = [sys.executable, "-c", WORKER, os.fspath(path)]
-    workers = [
-        subprocess.Popen(
-            [*argv, json.dumps(job)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for job in jobs
-    ]
+    stderr = [logs / f"worker{n}.stderr" for n in range(len(jobs))]
+    workers = []
+    for job, log in zip(jobs, stderr, strict=True):
+        with log.open("w") as sink:
+            workers.append(
+                subprocess.Popen(
+                    [*argv, json.dumps(job)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=sink,
+                    text=True,
+                    env=env,
+                )
+            )
     try:
         for step in ("started", "opened"):
-            for worker in workers:
+            for worker, log in zip(workers, stderr, strict=True):
                 assert worker.stdout is not None
-                assert worker.stdout.readline().strip() == step
+                line = worker.stdout.readline().strip()
+                assert line == step, f"worker {worker.pid}: {log.read_text()}"
             for worker in workers:
                 assert worker.stdin is not None
                 worker.stdin.write("go\n")
@@ -753,7 +777,9 @@ def _run_workers(path: Path, jobs: list[list[dict[str, Any]]]) -> list[str | Non
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
-    assert [w.returncode for w in workers] == [0] * len(workers)
+    assert [w.returncode for w in workers] == [0] * len(workers), [
+        log.read_text() for log in stderr
+    ]
     return [code for output in outputs for code in json.loads(output)]
 
 
@@ -765,7 +791,7 @@ def test_sqlite_token_spent_once_across_processes(tmp_path: Path, run: Runner) -
     run(sqlite.create_token(make_token()))
     run(sqlite.close())
     job = [_job(T0, "enroll", token=TOKEN_ID)]
-    codes = _run_workers(path, [job] * 4)
+    codes = _run_workers(path, tmp_path, [job] * 4)
     assert sorted(code or "" for code in codes) == ["", *["token-invalid"] * 3]
 
 
@@ -773,7 +799,7 @@ def test_sqlite_rate_limit_holds_across_processes(tmp_path: Path, run: Runner) -
     """Four worker processes opening a new file together issue exactly the limit between them."""
     path = tmp_path / "fresh" / "state.db"
     job = [_job(T0 + n * SECOND, limit=10) for n in range(5)]
-    codes = _run_workers(path, [job] * 4)
+    codes = _run_workers(path, tmp_path, [job] * 4)
     assert (codes.count(None), codes.count("rate-limited")) == (10, 10)
     sqlite = SqliteStore(path)
     run(sqlite.open())

@@ -19,6 +19,7 @@ untouched).  Either way the result is the whole old set or the whole new set.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -31,6 +32,7 @@ from ..errors import InstallError
 TMP_SUFFIX = ".kubecertd-new"
 BACKUP_DIR = ".kubecertd-backup"
 INTENT = "install-intent.json"
+PARTIAL = ".partial"  # a backup folder being written
 
 Checkpoint = Callable[[str], None]
 
@@ -64,24 +66,39 @@ def install(
     now: dt.datetime,
     checkpoint: Checkpoint = _no_checkpoint,
 ) -> str | None:
-    """Replace ``targets`` as one unit; returns the backup directory of the old files."""
+    """Replace ``targets`` as one unit; returns the backup directory of the old files.
+
+    An install interrupted earlier (an intent still in ``state_dir``) is finished
+    first, so two installs never mix.
+    """
+    directories = sorted({os.path.dirname(t.path) for t in targets})
+    recover(state_dir, directories)
+    committed = False
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         for target in targets:
             write_file(temp_path(target.path), target.data, target.mode)
             checkpoint(f"written {target.path}")
-        backup = _backup([t.path for t in targets], backup_root, now) if backup_root else None
+        keep = backup_root is not None and keep_backups > 0
+        backup = (
+            _backup([t.path for t in targets], backup_root, now) if keep and backup_root else None
+        )
         checkpoint("backed up")
         renames = [(temp_path(t.path), t.path) for t in targets]
         _write_intent(state_dir, renames)
+        committed = True
         checkpoint("intent")
         _finish(renames, checkpoint)
         _remove_intent(state_dir)
         checkpoint("done")
     except OSError as exc:
-        _discard_uncommitted(state_dir, targets)
+        if not committed:  # the old files are untouched: drop what this install wrote
+            for target in targets:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp_path(target.path))
+        # (a committed install is finished by the next install() or recover())
         raise InstallError(f"cannot install {exc.filename or 'files'}: {exc.strerror}") from exc
-    if backup_root and keep_backups >= 0:
+    if backup_root is not None:
         prune_backups(backup_root, keep_backups)
     return backup
 
@@ -93,7 +110,7 @@ def recover(state_dir: str, directories: Sequence[str]) -> str | None:
         with open(intent, encoding="utf-8") as stream:
             renames = [(str(a), str(b)) for a, b in json.load(stream)["renames"]]
     except FileNotFoundError:
-        removed = [path for path in _stray_temps(directories) if _unlink(path)]
+        removed = [path for path in _stray_temps([*directories, state_dir]) if _unlink(path)]
         return f"removed unfinished temporary files {', '.join(removed)}" if removed else None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InstallError(f"{intent}: cannot read the install intent: {exc}") from exc
@@ -154,14 +171,6 @@ def _remove_intent(state_dir: str) -> None:
     fsync_dir(state_dir)
 
 
-def _discard_uncommitted(state_dir: str, targets: Sequence[Target]) -> None:
-    """After a failed install: drop temporaries unless the intent committed them."""
-    if os.path.exists(os.path.join(state_dir, INTENT)):
-        return  # committed: the next start finishes it
-    for target in targets:
-        _unlink(temp_path(target.path))
-
-
 def _stray_temps(directories: Sequence[str]) -> list[str]:
     found = []
     for directory in directories:
@@ -174,9 +183,10 @@ def _stray_temps(directories: Sequence[str]) -> list[str]:
 
 
 def _unlink(path: str) -> bool:
+    """Best effort: False when the file is gone already or cannot be removed."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:
         return False
     return True
 
@@ -187,19 +197,23 @@ def backup_name(now: dt.datetime) -> str:
 
 
 def _backup(paths: Sequence[str], backup_root: str, now: dt.datetime) -> str | None:
+    """Copy the current files into ``<root>/<UTC time>/``, which appears only when complete."""
     existing = [p for p in paths if os.path.isfile(p)]
     if not existing:
         return None
     os.makedirs(backup_root, mode=0o700, exist_ok=True)
     folder = os.path.join(backup_root, backup_name(now))
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    partial = folder + PARTIAL
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial, mode=0o700)
     for path in existing:
         with open(path, "rb") as stream:
             data = stream.read()
         write_file(
-            os.path.join(folder, os.path.basename(path)), data, os.stat(path).st_mode & 0o777
+            os.path.join(partial, os.path.basename(path)), data, os.stat(path).st_mode & 0o777
         )
-    fsync_dir(folder)
+    fsync_dir(partial)
+    os.replace(partial, folder)
     fsync_dir(backup_root)
     return folder
 
@@ -214,6 +228,11 @@ def list_backups(backup_root: str) -> list[str]:
 
 
 def prune_backups(backup_root: str, keep: int) -> None:
+    """Keep the newest ``keep`` complete backups; drop the rest and any partial one."""
     folders = list_backups(backup_root)
     for folder in folders[: max(0, len(folders) - keep)]:
         shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(backup_root):
+            if name.endswith(PARTIAL):
+                shutil.rmtree(os.path.join(backup_root, name), ignore_errors=True)

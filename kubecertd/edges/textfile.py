@@ -1,7 +1,7 @@
 """The node_exporter textfile (SPEC "systemd and journald", ``[metrics] textfile``).
 
-Rewritten whole after every check through prometheus_client's ``write_to_textfile``,
-which writes a temporary file and renames it, so node_exporter never reads half a file.
+Rewritten whole after every check with a temporary file, fsync and rename, so
+node_exporter never reads half a file.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     disable_created_metrics,
-    write_to_textfile,
+    generate_latest,
 )
 
 from ..diagnose import CODES, Diagnosis
+from .install import replace_file
 
 
 @dataclass
@@ -76,5 +77,7 @@ def _count_codes(diagnosis: Diagnosis) -> Mapping[str, int]:
 
 
 def write(path: str, diagnosis: Diagnosis, counters: AgentCounters, checked_at: float) -> None:
+    """Replace the textfile atomically, mode 0644 whatever the umask: node_exporter runs
+    as its own user and must be able to read it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_to_textfile(path, render(diagnosis, counters, checked_at))
+    replace_file(path, generate_latest(render(diagnosis, counters, checked_at)), 0o644)

@@ -42,11 +42,14 @@ class DbusUnitManager:
         from jeepney.bus_messages import message_bus  # noqa: PLC0415
 
         manager = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD, interface=MANAGER)
-        rule = MatchRule(
+        # The bus matches the well-known sender name; jeepney's local filter compares
+        # header fields literally and signals carry systemd's unique name (":1.0").
+        on_bus = MatchRule(
             type="signal", sender=SYSTEMD, interface=MANAGER, member="JobRemoved", path=MANAGER_PATH
         )
+        rule = MatchRule(type="signal", interface=MANAGER, member="JobRemoved", path=MANAGER_PATH)
         with self._connect() as conn:
-            self._call(conn, message_bus.AddMatch(rule), timeout)
+            self._call(conn, message_bus.AddMatch(on_bus), timeout)
             self._call(conn, new_method_call(manager, "Subscribe"), timeout)
             # Not loaded or not failed is fine: the reset is only there for start limits.
             conn.send_and_get_reply(
@@ -98,13 +101,13 @@ class DbusUnitManager:
 
     @staticmethod
     def _call(conn: Any, message: Any, timeout: float) -> Any:
+        from jeepney.low_level import HeaderFields  # noqa: PLC0415
         from jeepney.wrappers import DBusErrorResponse, unwrap_msg  # noqa: PLC0415
 
         try:
             return unwrap_msg(conn.send_and_get_reply(message, timeout=timeout))
         except DBusErrorResponse as exc:
-            raise UnitError(
-                f"systemd refused {message.header.fields.get(3, 'the call')}: {exc}"
-            ) from exc
+            member = message.header.fields.get(HeaderFields.member, "the call")
+            raise UnitError(f"systemd refused {member}: {exc}") from exc
         except (TimeoutError, OSError) as exc:
             raise UnitError(f"systemd did not answer: {exc}") from exc

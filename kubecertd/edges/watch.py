@@ -4,8 +4,10 @@ Kernel facts that shape this (inotify(7)):
 
 - A watch is on an inode, not a path: when ssl_dir is deleted its watch ends
   (IN_DELETE_SELF, then IN_IGNORED) and a directory re-created under the same name is
-  a new inode nobody watches.  So the parent is watched too, and the watches are
-  re-armed whenever the parent reports a change of that name.
+  a new inode nobody watches; a directory moved away keeps its watch under its new
+  name.  So every ancestor is watched too (for entries on the path only), watches of
+  directories that moved away are dropped, and the watches are re-armed whenever an
+  ancestor reports a change on the path.
 - Events carry no content and can coalesce or be lost (IN_Q_OVERFLOW when the queue
   fills).  Nothing here relies on one particular event: any relevant event (and an
   overflow) only marks "something changed", and the full diagnosis decides.
@@ -57,7 +59,9 @@ class Watcher:
 
     def __init__(self, directories: Sequence[str]) -> None:
         self.directories = sorted({os.path.abspath(d) for d in directories})
-        self.parents = sorted({os.path.dirname(d) for d in self.directories})
+        self.parents = sorted(
+            {a for d in self.directories for a in _ancestors(d)} - set(self.directories)
+        )
         self._manager = pyinotify.WatchManager()
         self._notifier = pyinotify.Notifier(self._manager, default_proc_fun=self._on_event)
         self._pending = Changes()
@@ -72,8 +76,7 @@ class Watcher:
         for path, mask in [(p, PARENT_MASK) for p in self.parents] + [
             (d, DIR_MASK) for d in self.directories
         ]:
-            wd = self._watched.get(path)
-            if wd is not None and self._manager.get_path(wd) == path:
+            if path in self._watched:
                 continue
             if os.path.isdir(path):
                 added = self._manager.add_watch(path, mask, quiet=True)
@@ -96,19 +99,35 @@ class Watcher:
     def close(self) -> None:
         self._notifier.stop()
 
+    def _forget(self, wd: int) -> None:
+        for path, watched in list(self._watched.items()):
+            if watched == wd:
+                del self._watched[path]
+                self._manager.rm_watch(wd, quiet=True)
+
     def _on_event(self, event: Any) -> None:
         if event.mask & pyinotify.IN_Q_OVERFLOW:
             self._pending.overflow = self._pending.relevant = True
             return
-        if event.mask & pyinotify.IN_IGNORED:
-            self._watched = {p: wd for p, wd in self._watched.items() if wd != event.wd}
+        if event.mask & (pyinotify.IN_IGNORED | pyinotify.IN_MOVE_SELF):
+            # Gone, or moved away (its watch would follow it under the new name).
+            self._forget(event.wd)
             self._pending.relevant = True
             return
         path = os.path.abspath(event.pathname)
         directory = os.path.dirname(path)
-        if directory in self.parents and path not in self.directories:
-            return  # a sibling of ssl_dir changed: not ours
+        if directory in self.parents and path not in self.parents and path not in self.directories:
+            return  # an entry beside the path (a sibling of ssl_dir, another file in /etc)
         if is_own_name(os.path.basename(path)) or is_own_name(os.path.basename(directory)):
             return  # our temporaries and backups
         self._pending.relevant = True
         self._pending.names.add(path)
+
+
+def _ancestors(path: str) -> list[str]:
+    """``/etc/kubernetes/ssl`` -> ``["/etc/kubernetes", "/etc", "/"]``."""
+    found = []
+    while path != os.path.dirname(path):
+        path = os.path.dirname(path)
+        found.append(path)
+    return found

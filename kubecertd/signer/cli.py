@@ -138,7 +138,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     from .authority import InitRequest, init  # noqa: PLC0415
 
     adopting = bool(args.cluster_ca and args.cluster_ca_key)
-    if args.new_cluster_ca == adopting or (not adopting and (args.cluster_ca or args.cluster_ca_key)):
+    if args.new_cluster_ca == adopting or (
+        not adopting and (args.cluster_ca or args.cluster_ca_key)
+    ):
         raise UsageError("give either --cluster-ca and --cluster-ca-key, or --new-cluster-ca")
     request = InitRequest(
         directory=args.dir,

@@ -24,6 +24,7 @@ import datetime as dt
 import math
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -177,6 +178,23 @@ def _record(row: Sequence[Any]) -> AuditRecord:
     return AuditRecord(**values)
 
 
+def _use_wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL mode (a no-op once the file is in it); the journal mode now in use."""
+    # Switching a new file to WAL takes an exclusive lock, and when several workers
+    # open the new file together SQLite reports the others' locks at once ("database
+    # is locked") instead of through the busy handler.  So wait here, as it would.
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            row = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # only while opening, before the store serves anything
+        else:
+            return str(row[0]).lower() if row else ""
+
+
 class SqliteStore:
     """``Store`` on one SQLite file; safe for several processes opening the same path."""
 
@@ -204,7 +222,7 @@ class SqliteStore:
                 isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
                 check_same_thread=False,
             )
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            mode = _use_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
@@ -215,7 +233,7 @@ class SqliteStore:
             if conn is not None:
                 conn.close()
             raise StoreError(f"SQLite state database {self.path}: cannot open it: {exc}") from exc
-        if mode is None or str(mode[0]).lower() != "wal":
+        if mode != "wal":
             conn.close()
             raise StoreError(f"SQLite state database {self.path}: cannot use WAL mode ({mode})")
         self._conn, self._inode = conn, (info.st_dev, info.st_ino)
