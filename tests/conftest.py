@@ -9,13 +9,13 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pg
 import pytest
-import signer_harness
 
 from kubecertd.diagnose import CheckPolicy
 
 import factories
+import pg
+import signer_harness
 
 
 @pytest.fixture(autouse=True)
