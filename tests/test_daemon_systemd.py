@@ -269,3 +269,19 @@ def test_sigkill_during_install_leaves_a_complete_pair(node_factory: Callable[..
 
 def start_checks(healing: HealingNode) -> list[str]:
     return [e["MESSAGE"] for e in healing.events("check") if "(start)" in e["MESSAGE"]]
+
+
+def test_lifecycle_under_systemd(healing: HealingNode) -> None:
+    """READY, STATUS and WATCHDOG reach systemd; a second instance is refused; SIGTERM exits 0."""
+    status = healing.node.unit_property(AGENT, "StatusText")
+    assert status.startswith("healthy, cert valid until ")
+    assert int(healing.node.unit_property(AGENT, "WatchdogTimestampMonotonic")) > 0
+    pid = healing.node.unit_property(AGENT, "MainPID")
+    second = healing.cli("kubecertd", "run", check=False)
+    assert second.returncode == 1
+    assert f"another kubecertd (PID {pid}) is running" in second.stderr
+    healing.node.systemctl("stop", AGENT, check=True)
+    assert healing.node.unit_properties(AGENT, "Result", "ExecMainStatus") == {
+        "Result": "success",
+        "ExecMainStatus": "0",
+    }
