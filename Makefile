@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DEBIAN_PACKAGES := libsystemd-dev pkg-config gcc openssl curl systemd dbus iproute2 util-linux \
 	postgresql strace
 
-.PHONY: all venv deps test lint typecheck unit demo bench clean
+.PHONY: all venv deps test lint typecheck unit demo demo-check bench clean
 
 all: test
 
@@ -36,6 +36,9 @@ unit: venv
 test: venv lint unit
 
 demo: venv
+	$(BIN)/python demo/demo.py
+
+demo-check: venv
 	KUBECERTD=$(CURDIR)/$(BIN)/kubecertd demo/check-demo.sh
 
 bench: venv

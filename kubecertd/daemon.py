@@ -211,7 +211,11 @@ class Daemon:
         if outcome.restarted is not None:
             self.counters.kubelet_restarts += 1 + int(outcome.rolled_back)
         material, diagnosis = self.diagnose_now()
-        self.own = fingerprint(material)
+        if _is_as_written(material, outcome.written):
+            self.own = fingerprint(material)  # the events of our own renames change nothing
+        else:  # someone changed the files while we installed or waited for kubelet
+            self.own = None
+            self.timers.debounce = self.monotonic() + self.config.daemon.debounce
         if outcome.rolled_back:  # the old pair is back: try the renewal again later, not now
             self.counters.renewals["failure"] += 1
             self.attempts += 1
@@ -239,7 +243,7 @@ class Daemon:
                 f"{exc}; files left as they were, retrying in {delay:.0f}s",
                 journal.WARNING, node=node, finding=reason, retry_in=f"{delay:.0f}s", attempt=self.attempts,
             )  # fmt: skip
-            notify(f"STATUS=signer unreachable, retrying in {delay:.0f}s")
+            notify(f"STATUS={_status_of(exc)}, retrying in {delay:.0f}s")
         else:
             journal.send(
                 "renew-failed",
@@ -308,6 +312,20 @@ class Daemon:
                     f"cannot write {self.config.metrics.textfile}: {exc.strerror}",
                     journal.WARNING,
                 )
+
+
+def _status_of(exc: SignerError) -> str:
+    """The STATUS= words for a signer problem."""
+    if isinstance(exc, SignerUnreachable):
+        return "signer unreachable"
+    if isinstance(exc, SignerRefused):
+        return f"signer refused ({exc.code})"
+    return "no usable node identity (kubecertd enroll --token ...)"
+
+
+def _is_as_written(material: Material, written: tuple[tuple[str, bytes], ...]) -> bool:
+    on_disk = {s.path: s.data for s in (material.ca, material.cert, material.key)}
+    return all(on_disk.get(path) == data for path, data in written)
 
 
 def _cert_fields(diagnosis: Diagnosis) -> dict[str, str]:

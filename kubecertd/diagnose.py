@@ -64,7 +64,10 @@ CODES: dict[str, tuple[str, str]] = {
         "certificate and key are from different pairs; run kubecertd --check --fix",
     ),
     "key-permissions": (WARNING, "chmod 0600 the key and chown it to root"),
-    "key-weak": (WARNING, "kubecertd --check --fix replaces it with a key of [policy] key_type"),
+    "key-weak": (
+        WARNING,
+        "kubecertd replaces it with a [policy] key_type key at the next renewal; remove worker-key.pem to have it replaced now",
+    ),
 }
 
 

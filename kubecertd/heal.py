@@ -59,6 +59,7 @@ class Outcome:
     installed: tuple[str, ...]
     restarted: bool | None  # None: no restart was asked for or allowed
     rolled_back: bool = False
+    written: tuple[tuple[str, bytes], ...] = ()  # what is on disk now by our hand
 
 
 @dataclass
@@ -103,14 +104,17 @@ class Healer:
             f"kubelet certificate of {node} renewed ({reason}): serial {serial}, valid until {pki.iso(not_after)}",
             journal.NOTICE, node=node, serial=serial, not_after=pki.iso(not_after), finding=reason,
         )  # fmt: skip
-        outcome = Outcome(serial, not_after, tuple(t.path for t in targets), None)
+        written = tuple((t.path, t.data) for t in targets)
+        outcome = Outcome(serial, not_after, tuple(t.path for t in targets), None, written=written)
         if self.units is None or not config.kubelet.restart:
             return outcome
         came_back = self.restart_kubelet(self.units)  # step 6
         if came_back is False and diagnosis.healthy:
-            self._rollback(self.units, material, serial)
-            return Outcome(serial, not_after, outcome.installed, False, rolled_back=True)
-        return Outcome(serial, not_after, outcome.installed, came_back)
+            restored = self._rollback(self.units, material, serial)
+            return Outcome(
+                serial, not_after, outcome.installed, False, rolled_back=True, written=restored
+            )
+        return Outcome(serial, not_after, outcome.installed, came_back, written=written)
 
     # -- steps ------------------------------------------------------------------------
 
@@ -215,7 +219,9 @@ class Healer:
         except UnitError:
             return "unknown"
 
-    def _rollback(self, units: UnitManager, material: Material, serial: str) -> None:
+    def _rollback(
+        self, units: UnitManager, material: Material, serial: str
+    ) -> tuple[tuple[str, bytes], ...]:
         """Put the previous (healthy) pair back and restart kubelet once more."""
         node = self.config.node_name
         targets = [
@@ -230,6 +236,7 @@ class Healer:
             journal.ERR, node=node, serial=serial,
         )  # fmt: skip
         self.restart_kubelet(units)
+        return tuple((t.path, t.data) for t in targets)
 
 
 def _needs_ca(diagnosis: Diagnosis, material: Material, signer_ca: bytes) -> bool:

@@ -20,7 +20,7 @@ from .edges import journal
 from .edges.client import HttpSignerClient, SignerClient
 from .edges.install import recover
 from .edges.units import DbusUnitManager, UnitManager
-from .errors import SignerRefused, SignerUnreachable
+from .errors import LockHeld, SignerRefused, SignerUnreachable
 from .heal import Healer, healing_reason, obtain_identity, utcnow
 
 T = TypeVar("T")
@@ -57,7 +57,12 @@ def fix(
     units: UnitManager | None = None,
 ) -> Diagnosis:
     """Diagnose, heal what can be healed, diagnose again (the second diagnosis is returned)."""
-    lock = acquire_lock(config.daemon.state_dir)
+    try:
+        lock = acquire_lock(config.daemon.state_dir)
+    except LockHeld as exc:
+        raise LockHeld(
+            f"{exc}; it heals this node itself (journalctl -u kubecertd), or stop it first"
+        ) from None
     try:
         recover(config.daemon.state_dir, [config.ssl_dir])
         unit_manager = (units or DbusUnitManager()) if restart and config.kubelet.restart else None

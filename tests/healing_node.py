@@ -71,10 +71,7 @@ def shipped_units(directory: Path) -> Path:
     for name in ("kubecertd.service", "kubecertd-signer.service"):
         text = (PROJECT / "systemd" / name).read_text().replace("/usr/bin/", "@VENV@/bin/")
         if name == "kubecertd-signer.service":  # one worker is plenty inside a test node
-            text = text.replace(
-                "--config /etc/kubecertd/signer.toml",
-                "--config /etc/kubecertd/signer.toml --workers 1",
-            )
+            text = text.replace("serve --config", "serve --workers 1 --config")
         (directory / name).write_text(text)
     (directory / "lying-signer@.service").write_text(LYING_SIGNER_UNIT)
     return directory
@@ -107,7 +104,6 @@ class HealingNode:
         )
         cluster.install(node)
         node.run(["mkdir", "-p", "/var/lib/node_exporter/textfile_collector"], check=True)
-        node.write_file("/etc/kubecertd/signer.toml", SIGNER_CONFIG.encode())
         node.write_file(
             "/etc/kubecertd/signer-ca.pem", (signer_dir / "identity-ca.pem").read_bytes()
         )
@@ -196,6 +192,8 @@ def _init_signer(scratch: Path, cluster: Cluster) -> Path:
         ],
         check=True, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+    # The node sees this folder as /etc/kubecertd/signer: its config names those paths.
+    (signer_dir / "signer.toml").write_text(SIGNER_CONFIG)
     return signer_dir
 
 

@@ -125,4 +125,4 @@ def _reason(exc: BaseException) -> str:
     for marker in ("Caused by ", "Failed to establish a new connection: "):
         if marker in text:
             text = text.split(marker, 1)[1]
-    return " ".join(text.split())[:200]
+    return " ".join(text.split()).rstrip("'\")")[:200]
