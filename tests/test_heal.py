@@ -248,7 +248,9 @@ CA_FOR_LIES = make_ca()
     ],
 )
 def test_lying_signer_is_refused_and_files_untouched(
-    make_config: Callable[..., Config], lie: Callable[[x509.CertificateSigningRequest], bytes], code: str
+    make_config: Callable[..., Config],
+    lie: Callable[[x509.CertificateSigningRequest], bytes],
+    code: str,
 ) -> None:
     """A signer answer kubelet could not use is refused before any file changes."""
     config = make_config()

@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client.parser import text_string_to_metric_families
-from signer_harness import Client, Signer, csr_pem, signer_env
 
 from kubecertd import pki
 
 import factories
+from signer_harness import Client, Signer, csr_pem, signer_env
 
 UTC = dt.timezone.utc
 MAX_BODY = 64 * 1024

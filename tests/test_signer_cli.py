@@ -19,13 +19,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from signer_harness import Signer, csr_pem, free_port, init_signer_dir, run_cli
 
 from kubecertd import pki
 from kubecertd.signer.cli import main
 from kubecertd.signer.config import read_signer_config
 
 import factories
+from signer_harness import Signer, csr_pem, free_port, init_signer_dir, run_cli
 
 UTC = dt.timezone.utc
 TOKEN = re.compile(r"([0-9a-f]{12})\.([0-9a-f]{32})")  # SPEC: <id>.<secret>, secret >= 128 bits
