@@ -13,6 +13,7 @@ inside the same transaction that writes the audit record.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -91,15 +92,23 @@ def authenticate(
     if peer is None or not peer.not_valid_before_utc <= now <= peer.not_valid_after_utc:
         return None
     serial = pki.serial_hex(peer)
-    if pki.issued_by(peer, identity_ca):
+    if _issued_by(peer, identity_ca):
         node = _identity_node(peer.subject)
         ok = node and _has_eku(peer, ExtendedKeyUsageOID.CLIENT_AUTH)
         return Identity(node, IDENTITY, serial) if ok and node else None
-    if any(pki.issued_by(peer, ca) for ca in cluster_cas):
+    if any(_issued_by(peer, ca) for ca in cluster_cas):
         # Judged as the API server judges kubelet certificates (Go: no EKU allows any use).
         node = _kubelet_node(peer.subject)
         return Identity(node, KUBELET, serial) if node and pki.allows_client_auth(peer) else None
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """``pki.issued_by`` remembered per (certificate, CA): a signature over the same
+    bytes never changes its verdict, and agents come back with the same identity.
+    Certificates hash and compare by their DER encoding."""
+    return pki.issued_by(cert, ca)
 
 
 def _has_eku(cert: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:

@@ -58,6 +58,11 @@ def tls_context(config: SignerConfig) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"{ca}: cannot load as a trust anchor ({exc})") from exc
     context.verify_mode = ssl.CERT_OPTIONAL
+    # No session tickets: agents open a connection per request and never resume, and
+    # OpenSSL's two TLS 1.3 tickets per handshake cost ~22% of the signer's CPU per
+    # issuance (BENCHMARKS.md, "Signer load").
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET
     return context
 
 

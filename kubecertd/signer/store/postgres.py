@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -238,7 +237,7 @@ class PostgresStore:
 
     @staticmethod
     async def _insert(conn: Connection, record: AuditRecord) -> None:
-        values = dataclasses.asdict(record)
+        values = dict(vars(record))  # shallow: asdict() deep-copies, 0.1 ms an issuance
         for name in ("time", "not_before", "not_after"):
             if values[name] is not None:
                 values[name] = utc(values[name])

@@ -341,7 +341,7 @@ class SqliteStore:
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, record: AuditRecord) -> None:
-        values = dataclasses.asdict(record)
+        values = dict(vars(record))  # shallow: asdict() deep-copies, 0.1 ms an issuance
         for name in ("time", "not_before", "not_after"):
             values[name] = _opt_text(values[name])
         conn.execute(
