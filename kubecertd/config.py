@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from .errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 DEFAULT_CONFIG = "/etc/kubecertd/kubecertd.toml"
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
@@ -184,6 +178,11 @@ def build(
 
 
 def parse_toml(text: str, where: str) -> dict[str, Any]:
+    # Imported here: a node without a config file (all defaults) never pays for it.
+    if sys.version_info >= (3, 11):
+        import tomllib  # noqa: PLC0415
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib  # noqa: PLC0415
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -307,4 +306,4 @@ def read_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     """The thin I/O shell around ``load_config``."""
     environ = os.environ if env is None else env
     text, where = read_config_text(path, environ, "KUBECERTD_CONFIG", DEFAULT_CONFIG)
-    return load_config(text, where, socket.gethostname())
+    return load_config(text, where, os.uname().nodename)  # what gethostname(2) returns
