@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DEBIAN_PACKAGES := libsystemd-dev pkg-config gcc openssl curl systemd dbus iproute2 util-linux \
 	postgresql strace
 
-.PHONY: all venv deps test lint typecheck unit demo demo-check bench clean
+.PHONY: all venv deps test lint typecheck unit demo demo-check bench deb package-test clean
 
 all: test
 
@@ -43,6 +43,16 @@ demo-check: venv
 
 bench: venv
 	bench/check.sh
+
+# kubecertd_<version>_amd64.deb in the repository root: a self-contained /opt/kubecertd
+# virtualenv of Debian's python3, both units, the catalog, the default config (root).
+deb:
+	packaging/build-deb
+
+# The .deb installed with apt in a cached debootstrapped Debian 12, systemd booted in
+# that root, the seed scenario healed by the packaged kubecertd.service (root).
+package-test: deb
+	packaging/package-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -19,6 +19,15 @@ NODE_OWNER_PID     the node is killed when this process exits (default: boot's p
                    0: never, only tools/node/stop ends it)
 NODE_BOOT_TIMEOUT  seconds (default 20)
 NODE_PROJECT, NODE_VENV  default: this checkout and its .venv
+NODE_ROOT          boot this root file system (a host folder, e.g. a throwaway copy of a
+                   debootstrapped Debian) instead of the host's /: the node's view is
+                   built on it, written in place (no /etc, /var, … overlays), and
+                   pivot_root makes it the node's /. Its own /lib/systemd/system stays
+                   (dpkg may change it while the node runs); our units come first from
+                   /run/systemd/system, with masks for whatever the root's targets
+                   want. NODE_VENV is then a folder of that root (e.g. /opt/kubecertd,
+                   for @VENV@), not bound from the host; the project is still bound
+                   read-only at its own path
 
 Unit files may use @PROJECT@, @VENV@, @TOOLS@ and @HOSTNAME@; they are substituted
 when copied.
@@ -79,12 +88,14 @@ def main(argv: list[str]) -> int:
 
 
 def boot(node_dir: Path, hostname: str) -> int:
-    for tool in ("unshare", "nsenter", "mount", "ip", "busctl"):
+    root = _node_root()
+    tools = ("unshare", "nsenter") if root else ("unshare", "nsenter", "mount", "ip", "busctl")
+    for tool in tools:
         if not shutil.which(tool):
             raise NodeError(f"{tool} not found (install util-linux, iproute2, systemd)")
     if os.geteuid() != 0:
         raise NodeError("must run as root")
-    if not Path("/lib/systemd/systemd").exists():
+    if not root and not Path("/lib/systemd/systemd").exists():
         raise NodeError("/lib/systemd/systemd not found (install systemd)")
     node_dir.mkdir(parents=True, exist_ok=True)
     old = nodelib.read_state(node_dir)
@@ -96,19 +107,24 @@ def boot(node_dir: Path, hostname: str) -> int:
         raise NodeError(
             f"DIR {node_dir} must not contain commas, colons or blanks (overlay options)"
         )
-    for folder in BASE_OVERLAYS:
+    base_overlays = () if root else BASE_OVERLAYS
+    for folder in base_overlays:
         if node_dir.is_relative_to(folder):
             raise NodeError(f"DIR must not be under {folder} (it holds the overlay layers)")
+    if root and (node_dir.is_relative_to(root) or root.is_relative_to(node_dir)):
+        raise NodeError(f"DIR {node_dir} and NODE_ROOT {root} must not contain one another")
 
     project = Path(os.environ.get("NODE_PROJECT") or nodelib.PROJECT).resolve()
     venv = Path(os.environ.get("NODE_VENV") or project / ".venv").absolute()
-    overlays = [*BASE_OVERLAYS, *os.environ.get("NODE_OVERLAYS", "").split()]
+    overlays = [*base_overlays, *os.environ.get("NODE_OVERLAYS", "").split()]
     for name in ("ssl", "apiserver", "rw"):
         (node_dir / name).mkdir(exist_ok=True)
     (node_dir / "console.log").write_bytes(b"")
     (node_dir / "boot.log").write_bytes(b"")
     _install_units(node_dir, project, venv, hostname)
-    _write_binds(node_dir, overlays)
+    if root:
+        _mask_root_wants(node_dir, root)
+    _write_binds(node_dir, overlays, root)
     env = {
         "NODE_DIR": str(node_dir),
         "NODE_HOSTNAME": hostname,
@@ -117,7 +133,8 @@ def boot(node_dir: Path, hostname: str) -> int:
         "NODE_OVERLAYS": " ".join(overlays),
         "NODE_MACHINE_ID": secrets.token_hex(16),
         "NODE_TRACE": os.environ.get("NODE_TRACE", ""),
-        **_python_for_node(node_dir, venv),
+        "NODE_ROOT": str(root or ""),
+        **({} if root else _python_for_node(node_dir, venv)),
     }
 
     nodelib.sweep_stale_cgroups()
@@ -126,6 +143,8 @@ def boot(node_dir: Path, hostname: str) -> int:
     cgroup.mkdir()
     env["NODE_CGROUP"] = str(cgroup)
     state = {"NODE_DIR": str(node_dir), "NODE_HOSTNAME": hostname, "NODE_CGROUP": str(cgroup)}
+    if root:
+        state["NODE_ROOT"] = str(root)
     nodelib.write_state(node_dir, state)
 
     owner = int(os.environ.get("NODE_OWNER_PID") or os.getppid())
@@ -189,7 +208,56 @@ def _install_units(node_dir: Path, project: Path, venv: Path, hostname: str) -> 
             (folder / unit).symlink_to(f"../{unit}")
 
 
-def _write_binds(node_dir: Path, overlays: list[str]) -> None:
+def _node_root() -> Path | None:
+    """NODE_ROOT, checked: a root file system with systemd, whose folders the node's view
+    is built on all lie inside it (an absolute symlink there would lead to the host's)."""
+    value = os.environ.get("NODE_ROOT", "")
+    if not value:
+        return None
+    root = Path(value).resolve()
+    if root == Path("/"):
+        raise NodeError("NODE_ROOT must not be / (leave it unset to boot the host's root)")
+    if any(c in str(root) for c in ",: \t\n"):
+        raise NodeError(f"NODE_ROOT {root} must not contain commas, colons or blanks")
+    for sub in ("proc", "sys", "dev", "run", "tmp", "etc/systemd", "lib/systemd/system"):
+        _inside(root, "/" + sub, must_exist=True)
+    if not os.access(_inside(root, "/lib/systemd/systemd", must_exist=True), os.X_OK):
+        raise NodeError(f"{root}/lib/systemd/systemd is not executable")
+    return root
+
+
+def _inside(root: Path, node_path: str, must_exist: bool = False) -> Path:
+    """The host path of NODE_PATH inside ROOT (symlinks resolved the way the kernel will
+    before pivot_root); an error when it leads out of ROOT."""
+    host = Path(os.path.realpath(root / node_path.lstrip("/")))
+    if not host.is_relative_to(root):
+        raise NodeError(f"{node_path} of NODE_ROOT {root} leads out of it (to {host})")
+    if must_exist and not host.exists():
+        raise NodeError(f"NODE_ROOT {root} has no {node_path}")
+    return host
+
+
+def _mask_root_wants(node_dir: Path, root: Path) -> None:
+    """With NODE_ROOT, the root's own unit folders stay in systemd's search path (below
+    our units, which the node gets in /run/systemd/system), and their .wants/,
+    .requires/ and .upholds/ folders are merged into our stub targets: mask every unit
+    they name that the node does not provide itself, so that the node boots as little
+    as a host-root node does (no udev, getty, logind, tmpfiles, timers, …)."""
+    units = node_dir / "units"
+    for folder in ("/lib/systemd/system", "/usr/local/lib/systemd/system"):
+        path = _inside(root, folder)
+        if not path.is_dir():
+            continue
+        for deps in sorted(path.iterdir()):
+            if not deps.is_dir() or not deps.name.endswith((".wants", ".requires", ".upholds")):
+                continue
+            for entry in sorted(deps.iterdir()):
+                mask = units / entry.name
+                if not os.path.lexists(mask):
+                    mask.symlink_to("/dev/null")
+
+
+def _write_binds(node_dir: Path, overlays: list[str], root: Path | None = None) -> None:
     lines = []
     for spec in os.environ.get("NODE_BINDS", "").splitlines():
         if not spec.strip():
@@ -203,7 +271,9 @@ def _write_binds(node_dir: Path, overlays: list[str]) -> None:
         if not src.exists():
             raise NodeError(f"NODE_BINDS source {src} does not exist")
         writable = [*NODE_WRITABLE, *overlays]
-        if not dst.exists() and not any(dst.is_relative_to(w) for w in writable):
+        if root:  # a throwaway root: mount points may be made anywhere inside it
+            _inside(root, str(dst.parent))
+        elif not dst.exists() and not any(dst.is_relative_to(w) for w in writable):
             raise NodeError(
                 f"NODE_BINDS destination {dst} does not exist on the host and is not under "
                 f"a folder the node owns ({', '.join(writable)}); creating it would change the host"

@@ -7,6 +7,11 @@ file system view and execs systemd. Everything is done with system calls (no mou
 ip(8), … processes: that made boot twice as slow). Nothing here may change the host:
 every mount is made in this private mount namespace, every write goes to a tmpfs or to
 an overlay whose upper layer lives in $NODE_DIR.
+
+With NODE_ROOT (a throwaway copy of another root file system, say a debootstrapped
+Debian) the same view is built on that tree instead of the host's ``/`` (its own
+/etc, /var, … written in place, no overlays unless asked for), then ``pivot_root``
+makes it the node's ``/`` and systemd is that tree's ``/lib/systemd/systemd``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import platform
 import socket
 import stat
 import struct
@@ -31,6 +37,8 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 libc.unshare.argtypes = [ctypes.c_int]
+libc.syscall.restype = ctypes.c_long
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 
 def _b(value: str | None) -> bytes | None:
@@ -76,9 +84,29 @@ def lo_up() -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
 
 
+def pivot_root(new_root: str) -> None:
+    """Makes NEW_ROOT (a mount point) this mount namespace's ``/`` and drops the old one."""
+    number = SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise OSError(f"pivot_root: unsupported architecture {platform.machine()}")
+    os.chdir(new_root)
+    if libc.syscall(ctypes.c_long(number), b".", b".") != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"pivot_root {new_root}: {os.strerror(errno)}")
+    umount_lazy(".")  # the old root, now stacked on top of the new one
+    os.chdir("/")
+
+
 def main() -> None:
     env = os.environ
     os.umask(0o022)
+    # The node's root as seen now: "" for the host's /, else NODE_ROOT (pivoted to at the
+    # end). p() turns a path of the node into the path to use until then.
+    root = env.get("NODE_ROOT", "")
+
+    def p(path: str) -> str:
+        return root + path
+
     trace = bool(env.get("NODE_TRACE"))
     if trace:
         print(f"inner start {time.time():.6f}", file=sys.stderr, flush=True)
@@ -95,28 +123,40 @@ def main() -> None:
         f.write("0")
     if libc.unshare(CLONE_NEWCGROUP) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWCGROUP)")
+    if root:  # pivot_root wants a mount point; every mount below is made on this one
+        mount(root, root, None, MS_BIND | MS_REC)
 
     # --- kernel file systems ---------------------------------------------------------
     # A /proc of this PID namespace; the host's sysctls stay read-only.
-    umount_lazy("/proc")
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    bind("/proc/sys", "/proc/sys", readonly=True)
+    if not root:
+        umount_lazy("/proc")
+    mount("proc", p("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    bind(p("/proc/sys"), p("/proc/sys"), readonly=True)
     # A sysfs of this network namespace (read-only, as systemd-nspawn does) without the
     # host's v1 cgroup hierarchies, and cgroup2 rooted at the node's folder.
-    umount_lazy("/sys")
-    mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    if not root:
+        umount_lazy("/sys")
+    mount("sysfs", p("/sys"), "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("cgroup2", p("/sys/fs/cgroup"), "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
-    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64m")
+    mount("tmpfs", p("/run"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64m")
     # $NODE_DIR and the bind sources are usually under /tmp, which the node gets a
     # private tmpfs for: reach them through staging binds under /run (dropped below).
-    for sub in ("dir", "empty", "src"):
-        os.makedirs(f"{STAGE}/{sub}")
-    bind(env["NODE_DIR"], f"{STAGE}/dir")
-    d = f"{STAGE}/dir"
+    # (With NODE_ROOT the host's /tmp stays in sight, but a bind into the root may hide
+    # the source of a later one: staging first is right there too.)
+    stage = p(STAGE)
+    for sub in ("dir", "empty", "src", "project", "venv"):
+        os.makedirs(f"{stage}/{sub}")
+    bind(env["NODE_DIR"], f"{stage}/dir")
+    # The project (a CI clone may well live under /tmp) and the venv, staged the same way.
+    project, venv = env["NODE_PROJECT"], env["NODE_VENV"]
+    bind(project, f"{stage}/project")
+    if not root:  # (with NODE_ROOT, NODE_VENV is a folder of that root)
+        bind(venv, f"{stage}/venv")
+    d = f"{stage}/dir"
     is_dir = []  # decided now: once /tmp is the node's, a source under /tmp is out of sight
     for i, (src, _dst, _ro) in enumerate(binds):
-        staged = f"{STAGE}/src/{i}"
+        staged = f"{stage}/src/{i}"
         is_dir.append(os.path.isdir(src))
         if is_dir[i]:
             os.mkdir(staged)
@@ -124,11 +164,12 @@ def main() -> None:
             touch(staged)
         bind(src, staged)
     # A private /tmp: PrivateTmp= units put /tmp/systemd-private-* here, not on the host.
-    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=256m")  # noqa: S108
+    mount("tmpfs", p("/tmp"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=256m")  # noqa: S108
 
     # --- /dev: a minimal private one; /dev/console is $NODE_DIR/console.log ----------
-    umount_lazy("/dev")
-    mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=0755,size=4m")
+    if not root:
+        umount_lazy("/dev")
+    mount("tmpfs", p("/dev"), "tmpfs", MS_NOSUID, "mode=0755,size=4m")
     for name, major, minor in (
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -137,18 +178,18 @@ def main() -> None:
         ("urandom", 1, 9),
         ("tty", 5, 0),
     ):
-        os.mknod(f"/dev/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
-        os.chmod(f"/dev/{name}", 0o666)  # noqa: S103 - as on every Linux system
+        os.mknod(p(f"/dev/{name}"), 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(p(f"/dev/{name}"), 0o666)  # noqa: S103 - as on every Linux system
     for sub in ("pts", "shm", "mqueue", "net"):
-        os.mkdir(f"/dev/{sub}", 0o755)
+        os.mkdir(p(f"/dev/{sub}"), 0o755)
     mount(
         "devpts",
-        "/dev/pts",
+        p("/dev/pts"),
         "devpts",
         MS_NOSUID | MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620,gid=5",
     )
-    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")  # noqa: S108
+    mount("tmpfs", p("/dev/shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")  # noqa: S108
     for link, target in (
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -157,9 +198,9 @@ def main() -> None:
         ("stderr", "/proc/self/fd/2"),
         ("log", "/run/systemd/journal/dev-log"),
     ):
-        os.symlink(target, f"/dev/{link}")
-    touch("/dev/console")
-    bind(f"{d}/console.log", "/dev/console")
+        os.symlink(target, p(f"/dev/{link}"))
+    touch(p("/dev/console"))
+    bind(f"{d}/console.log", p("/dev/console"))
 
     # --- writable layers over host folders ------------------------------------------
     for folder in env["NODE_OVERLAYS"].split():
@@ -167,41 +208,51 @@ def main() -> None:
         upper, work = f"{d}/rw/{name}/upper", f"{d}/rw/{name}/work"
         os.makedirs(upper, exist_ok=True)
         os.makedirs(work, exist_ok=True)
-        mount("overlay", folder, "overlay", 0, f"lowerdir={folder},upperdir={upper},workdir={work}")
+        lower = p(folder)
+        mount("overlay", lower, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
 
     # --- /etc of the node ------------------------------------------------------------
     hostname = env["NODE_HOSTNAME"]
-    write("/etc/hostname", hostname + "\n")
+    write(p("/etc/hostname"), hostname + "\n")
     write(
-        "/etc/hosts",
+        p("/etc/hosts"),
         "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
         f"127.0.1.1 {hostname} {hostname.split('.', maxsplit=1)[0]}\n",
     )
-    if os.path.lexists("/etc/machine-id"):
-        os.unlink("/etc/machine-id")
-    write("/etc/machine-id", env["NODE_MACHINE_ID"] + "\n", 0o444)
-    os.makedirs("/etc/systemd/journald.conf.d", exist_ok=True)
-    os.makedirs("/etc/systemd/system.conf.d", exist_ok=True)
+    if os.path.lexists(p("/etc/machine-id")):
+        os.unlink(p("/etc/machine-id"))
+    write(p("/etc/machine-id"), env["NODE_MACHINE_ID"] + "\n", 0o444)
+    os.makedirs(p("/etc/systemd/journald.conf.d"), exist_ok=True)
+    os.makedirs(p("/etc/systemd/system.conf.d"), exist_ok=True)
     write(
-        "/etc/systemd/journald.conf.d/50-node.conf",
+        p("/etc/systemd/journald.conf.d/50-node.conf"),
         "[Journal]\nStorage=volatile\nRateLimitBurst=0\nReadKMsg=no\n"
         "ForwardToSyslog=no\nForwardToWall=no\nForwardToConsole=no\n",
     )
-    write("/etc/systemd/system.conf.d/50-node.conf", "[Manager]\nShowStatus=no\nLogColor=no\n")
+    write(p("/etc/systemd/system.conf.d/50-node.conf"), "[Manager]\nShowStatus=no\nLogColor=no\n")
     # systemd sees only our units: no host unit files, no host enablement symlinks.
-    mount("tmpfs", "/etc/systemd/system", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m")
-    bind(f"{d}/units", "/lib/systemd/system", readonly=True)
+    mount("tmpfs", p("/etc/systemd/system"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m")
+    if root:
+        # The root's /lib/systemd/system stays its own (dpkg may install and remove
+        # units there while the node runs); ours come first, from /run/systemd/system,
+        # with masks for what the root's targets want (made by boot).
+        os.makedirs(p("/run/systemd/system"))
+        bind(f"{d}/units", p("/run/systemd/system"), readonly=True)
+    else:
+        bind(f"{d}/units", p("/lib/systemd/system"), readonly=True)
 
     # --- the project and the venv, read-only at their own paths ----------------------
-    project, venv = env["NODE_PROJECT"], env["NODE_VENV"]
-    bind(project, project, readonly=True)
-    if not (venv + "/").startswith(project + "/"):
-        bind(venv, venv, readonly=True)
+    # (With NODE_ROOT, NODE_VENV is a folder of that root: nothing to bind.)
+    os.makedirs(p(project), exist_ok=True)
+    bind(f"{stage}/project", p(project), readonly=True)
+    if not root and not (venv + "/").startswith(project + "/"):
+        os.makedirs(venv, exist_ok=True)
+        bind(f"{stage}/venv", venv, readonly=True)
     # The venv's interpreter lives under /root (pyenv), which ProtectHome= hides from
     # sandboxed units: the node gets the same tree outside /root and the venv points
     # there (tools/node/README.md, "Python under ProtectHome").
     py_node = env.get("NODE_PY_NODE")
-    if py_node:
+    if py_node and not root:
         os.makedirs(py_node, exist_ok=True)
         bind(env["NODE_PY_BASE"], py_node, readonly=True)
         if env.get("NODE_PY_EXE"):
@@ -210,30 +261,34 @@ def main() -> None:
 
     # --- the kubelet's files, reachable from outside as $NODE_DIR/ssl, …/apiserver ----
     for sub in ("ssl", "apiserver"):
-        os.makedirs(f"/etc/kubernetes/{sub}", exist_ok=True)
-        bind(f"{d}/{sub}", f"/etc/kubernetes/{sub}")
+        os.makedirs(p(f"/etc/kubernetes/{sub}"), exist_ok=True)
+        bind(f"{d}/{sub}", p(f"/etc/kubernetes/{sub}"))
     for i, (_src, dst, readonly) in enumerate(binds):
         if is_dir[i]:
-            os.makedirs(dst, exist_ok=True)
+            os.makedirs(p(dst), exist_ok=True)
         else:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            if not os.path.exists(dst):
-                touch(dst)
-        bind(f"{STAGE}/src/{i}", dst, readonly)
+            os.makedirs(os.path.dirname(p(dst)), exist_ok=True)
+            if not os.path.exists(p(dst)):
+                touch(p(dst))
+        bind(f"{stage}/src/{i}", p(dst), readonly)
     # Drop the staging binds (never delete recursively there: they are host folders).
-    umount_lazy(f"{STAGE}/dir")
-    os.rmdir(f"{STAGE}/dir")
+    for sub in ("dir", "project", "venv"):
+        if os.path.ismount(f"{stage}/{sub}"):
+            umount_lazy(f"{stage}/{sub}")
+        os.rmdir(f"{stage}/{sub}")
     for i in range(len(binds)):
-        staged = f"{STAGE}/src/{i}"
+        staged = f"{stage}/src/{i}"
         umount_lazy(staged)
         if is_dir[i]:
             os.rmdir(staged)
         else:
             os.unlink(staged)
-    os.rmdir(f"{STAGE}/src")
+    os.rmdir(f"{stage}/src")
 
     socket.sethostname(hostname)
     lo_up()
+    if root:
+        pivot_root(root)
 
     if trace:
         print(f"inner exec {time.time():.6f}", file=sys.stderr, flush=True)

@@ -196,6 +196,56 @@ def stop(node_dir: Path, timeout: float = 10.0) -> dict[str, float]:
     if not state:
         return timings
     pid = int(state.get("NODE_PID") or 0)
+    # Namespace inode numbers are recycled as soon as a namespace is freed: once the node
+    # is gone, a new namespace anywhere on the host (another node's sandboxed service, a
+    # chroot in `unshare -m`) may get the same number, and the scan below would kill its
+    # processes. Holding the node's namespaces open keeps their numbers its own.
+    pinned = _pin_namespaces(state)
+    try:
+        _power_off(state, pid, timeout, started, timings, scan=bool(pinned))
+    finally:
+        for fd in pinned:
+            os.close(fd)
+    if state.get("NODE_CGROUP"):
+        remove_cgroup(Path(state["NODE_CGROUP"]))
+    _remove_tree(node_dir / "rw")
+    (node_dir / "pid").unlink(missing_ok=True)  # would name a PID the kernel may reuse
+    state["NODE_STOPPED"] = "1"
+    write_state(node_dir, state)
+    timings["total"] = time.monotonic() - started
+    return timings
+
+
+def _pin_namespaces(state: dict[str, str]) -> list[int]:
+    """Open file descriptors on the running node's PID and mount namespaces (checked
+    against the recorded inodes), or [] when the node is not running."""
+    pid = int(state.get("NODE_PID") or 0)
+    fds: list[int] = []
+    if not node_alive(state):
+        return fds
+    for kind, key in (("pid", "NODE_PIDNS"), ("mnt", "NODE_MNTNS")):
+        try:
+            fd = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            break
+        fds.append(fd)
+        if os.fstat(fd).st_ino != int(state.get(key) or 0):
+            break
+    else:
+        return fds
+    for fd in fds:  # the node ended meanwhile: nothing pinned
+        os.close(fd)
+    return []
+
+
+def _power_off(
+    state: dict[str, str],
+    pid: int,
+    timeout: float,
+    started: float,
+    timings: dict[str, float],
+    scan: bool,
+) -> None:
     if node_alive(state):
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             subprocess.run(
@@ -237,9 +287,10 @@ def stop(node_dir: Path, timeout: float = 10.0) -> dict[str, float]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(other, signal.SIGKILL)
     # Anything still in the node's namespaces (say, a process that entered only its
-    # mount namespace) would keep the node's mounts alive.
+    # mount namespace) would keep the node's mounts alive. Only while they are pinned:
+    # a node that had already ended leaves only what its cgroup holds (killed below).
     deadline = time.monotonic() + 5.0
-    while True:
+    while scan:
         left = processes_in(state)
         if not left:
             break
@@ -249,14 +300,6 @@ def stop(node_dir: Path, timeout: float = 10.0) -> dict[str, float]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(other, signal.SIGKILL)
         time.sleep(0.01)
-    if state.get("NODE_CGROUP"):
-        remove_cgroup(Path(state["NODE_CGROUP"]))
-    _remove_tree(node_dir / "rw")
-    (node_dir / "pid").unlink(missing_ok=True)  # would name a PID the kernel may reuse
-    state["NODE_STOPPED"] = "1"
-    write_state(node_dir, state)
-    timings["total"] = time.monotonic() - started
-    return timings
 
 
 def _start_of(state: dict[str, str], pid: int) -> str | None:
