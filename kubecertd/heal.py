@@ -79,11 +79,17 @@ class Healer:
             node=node,
             finding=reason,
         )
-        ca_pem = self.client.fetch_ca()  # step 1: the signer authenticated by [signer] ca
-        ca_changed = _needs_ca(diagnosis, material, ca_pem)
-        key = pki.generate_key(config.policy.key_type)  # step 2: the key never leaves the node
-        csr = pki.build_csr(key, pki.kubelet_subject(node)).public_bytes(serialization.Encoding.PEM)
-        issued = self.client.sign(csr, reason, self._identity(diagnosis))  # step 3
+        identity = self._identity(diagnosis)
+        with self.client.conversation():  # one TLS connection for both calls
+            ca_pem = self.client.fetch_ca(
+                identity
+            )  # step 1: the signer authenticated by [signer] ca
+            ca_changed = _needs_ca(diagnosis, material, ca_pem)
+            key = pki.generate_key(config.policy.key_type)  # step 2: the key never leaves the node
+            csr = pki.build_csr(key, pki.kubelet_subject(node)).public_bytes(
+                serialization.Encoding.PEM
+            )
+            issued = self.client.sign(csr, reason, identity)  # step 3
         cert_pem = issued.certificate
         cert = self._verify(ca_pem, cert_pem, key)  # step 4: nothing written before this passes
         targets = [

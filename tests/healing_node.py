@@ -9,7 +9,9 @@ loopback; assertions read real ``journalctl`` output, unit state and the files.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +97,7 @@ class HealingNode:
     ) -> HealingNode:
         cluster = Cluster.new()
         scratch = Path(tempfile.mkdtemp(prefix="kubecertd-e2e-"))
+        atexit.register(shutil.rmtree, scratch, True)  # it holds the test cluster's CA keys
         signer_dir = _init_signer(scratch, cluster)
         node = node_factory(
             extra_units=[shipped_units(scratch / "units")],

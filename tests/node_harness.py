@@ -53,6 +53,9 @@ class NodeHarnessError(AssertionError):
     """A node did not boot, stop or answer as expected (a failure, never a skip)."""
 
 
+HIDDEN_FROM_UNITS = ("/tmp/", "/var/tmp/", "/root/", "/home/")  # PrivateTmp=, ProtectHome=
+
+
 def unavailable_reason() -> str | None:
     """Why nodes cannot run here at all (the only reasons to skip), or None."""
     if os.geteuid() != 0:
@@ -84,6 +87,12 @@ class Node:
         """Boots the node; returns once systemd1 answers on its bus and journald runs."""
         if self.pid is not None:
             raise NodeHarnessError(f"node {self.hostname} is already booted")
+        if f"{PROJECT}/".startswith(HIDDEN_FROM_UNITS):
+            raise NodeHarnessError(
+                f"the checkout {PROJECT} is under a tree that the shipped units' PrivateTmp= or "
+                "ProtectHome= hide from services; run the tests from a copy elsewhere "
+                "(.ci/run does this by itself)"
+            )
         env = {
             **os.environ,
             "NODE_OWNER_PID": str(os.getpid()),

@@ -7,6 +7,7 @@ systemd live in test_daemon_systemd.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -54,7 +55,10 @@ class FakeSigner:
         self.lie = lie
         self.calls: list[tuple[str, ClientCert]] = []
 
-    def fetch_ca(self) -> bytes:
+    def conversation(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def fetch_ca(self, identity: ClientCert | None = None) -> bytes:
         return self.ca.pem
 
     def sign(self, csr_pem: bytes, reason: str, identity: ClientCert) -> Issued:

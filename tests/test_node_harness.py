@@ -21,6 +21,7 @@ import pytest
 from node_harness import (
     NODE,
     OTHER_NODE,
+    PROJECT,
     TOOLS,
     VENV_PYTHON,
     Cluster,
@@ -119,7 +120,7 @@ def test_node_cannot_change_the_host_disk(node: Node) -> None:
     assert not Path(marker).exists()
     assert not Path("/opt/node-was-here").exists()
     # The project and the venv are read-only inside.
-    denied = node.run(["touch", "/work/main/.node-was-here"])
+    denied = node.run(["touch", str(PROJECT / ".node-was-here")])
     assert denied.returncode != 0
     assert "Read-only file system" in denied.stderr
 

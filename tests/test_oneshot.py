@@ -115,6 +115,17 @@ def test_check_fix_with_unreachable_signer_gives_up(
     node = unique_node()
     config = agent_config(tmp_path, signer, node, url="https://127.0.0.1:9")
     factories.write_ssl_dir(tmp_path / "ssl", None, None, None)
+    now = dt.datetime.now(UTC)
+    identity = factories.issue(
+        factories.make_ca(),
+        cn_list=[node],
+        orgs=[],
+        not_before=now - dt.timedelta(hours=1),
+        not_after=now + dt.timedelta(days=1),
+    )
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "identity.pem").write_bytes(identity.pem)
+    (tmp_path / "state" / "identity-key.pem").write_bytes(identity.key_pem)
     status, _, err = run(capsys, "--check", "--fix", "--no-restart", "--config", str(config))
     assert status == 1
     assert "gave up after 3 attempts" in err and "Traceback" not in err

@@ -7,6 +7,8 @@ certificates: the caller verifies every answer before it touches a file.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,7 +26,11 @@ class Issued:
 
 
 class SignerClient(Protocol):
-    def fetch_ca(self) -> bytes: ...
+    def conversation(self) -> AbstractContextManager[None]:
+        """Calls made inside share one connection (a heal: GET /v1/ca, then POST /v1/sign)."""
+        ...
+
+    def fetch_ca(self, identity: ClientCert | None = None) -> bytes: ...
 
     def sign(self, csr_pem: bytes, reason: str, identity: ClientCert) -> Issued: ...
 
@@ -34,15 +40,32 @@ class SignerClient(Protocol):
 
 
 class HttpSignerClient:
-    """The real client: one short-lived session per call, server checked against ``ca``."""
+    """The real client, the server checked against ``ca``.
+
+    Outside a ``conversation()`` each call has a session of its own; inside one, calls
+    with the same client certificate reuse one kept-alive TLS connection, which saves a
+    handshake per heal.  Nothing stays open between conversations.
+    """
 
     def __init__(self, url: str, ca: str, timeout: float) -> None:
         self.url = url.rstrip("/")
         self.ca = ca
         self.timeout = timeout
+        self._session: requests.Session | None = None
 
-    def fetch_ca(self) -> bytes:
-        return _pem(self._call("GET", "/v1/ca", None, None), "ca_bundle")
+    @contextmanager
+    def conversation(self) -> Iterator[None]:
+        with _new_session() as session:
+            self._session = session
+            try:
+                yield
+            finally:
+                self._session = None
+
+    def fetch_ca(self, identity: ClientCert | None = None) -> bytes:
+        # No certificate is needed for /v1/ca; presenting the one the next call uses
+        # lets both share a connection.
+        return _pem(self._call("GET", "/v1/ca", None, identity), "ca_bundle")
 
     def sign(self, csr_pem: bytes, reason: str, identity: ClientCert) -> Issued:
         body = {"csr": csr_pem.decode(), "reason": reason}
@@ -63,8 +86,7 @@ class HttpSignerClient:
             raise SignerUnreachable("no signer configured ([signer] url is empty)")
         where = f"{self.url}{path}"
         try:
-            with requests.Session() as session:
-                session.trust_env = False  # no proxies or REQUESTS_CA_BUNDLE from the environment
+            with nullcontext(self._session) if self._session else _new_session() as session:
                 response = session.request(
                     method, where, json=body, cert=identity, verify=self.ca, timeout=self.timeout
                 )
@@ -73,6 +95,12 @@ class HttpSignerClient:
         except OSError as exc:  # requests' errors derive from IOError; also bad cert/ca files
             raise SignerUnreachable(f"{where}: {_reason(exc)}") from exc
         return _answer(where, response)
+
+
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # no proxies or REQUESTS_CA_BUNDLE from the environment
+    return session
 
 
 def _answer(where: str, response: requests.Response) -> dict[str, Any]:

@@ -9,17 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    disable_created_metrics,
-    generate_latest,
-)
+from typing import TYPE_CHECKING
 
 from ..diagnose import CODES, Diagnosis
 from .install import replace_file
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 
 @dataclass
@@ -31,6 +27,15 @@ class AgentCounters:
 
 
 def render(diagnosis: Diagnosis, counters: AgentCounters, checked_at: float) -> CollectorRegistry:
+    # Imported here: an agent without [metrics] textfile never loads prometheus_client
+    # (~1.7 MiB of its idle RSS, BENCHMARKS.md).
+    from prometheus_client import (  # noqa: PLC0415
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        disable_created_metrics,
+    )
+
     disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series mean nothing in a textfile rewritten each check
     registry = CollectorRegistry()
     not_after = Gauge(
@@ -80,4 +85,6 @@ def write(path: str, diagnosis: Diagnosis, counters: AgentCounters, checked_at: 
     """Replace the textfile atomically, mode 0644 whatever the umask: node_exporter runs
     as its own user and must be able to read it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    from prometheus_client import generate_latest  # noqa: PLC0415
+
     replace_file(path, generate_latest(render(diagnosis, counters, checked_at)), 0o644)

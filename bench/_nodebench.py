@@ -1,0 +1,209 @@
+"""Shared by bench/heal_latency.py and bench/idle.py: a HealingNode to measure, the
+machine's description, small statistics and journal reading with timestamps.
+
+The node is the one the end-to-end tests use (tests/healing_node.py): a real systemd
+252 in fresh namespaces, journald, the system bus, the real ``kubecertd-signer`` on the
+node's loopback, the kubelet/API-server stand-ins and the shipped kubecertd.service.
+Root only; everything talks over the node's own loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from healing_node import AGENT, KUBELET, HealingNode  # noqa: E402
+from node_harness import NODE, Node, unavailable_reason  # noqa: E402
+
+__all__ = ["AGENT", "KUBELET", "HealingNode", "Node", "healing_node"]
+
+
+@contextlib.contextmanager
+def healing_node(**create: Any) -> Iterator[HealingNode]:
+    """A booted HealingNode (``HealingNode.create(**create)``), always stopped afterwards."""
+    reason = unavailable_reason()
+    if reason:
+        raise SystemExit(f"cannot boot a node here: {reason}")
+    nodes: list[Node] = []
+    scratch = Path(tempfile.mkdtemp(prefix="kubecertd-bench-node-"))
+
+    def factory(hostname: str = NODE, **kwargs: Any) -> Node:
+        node = Node(hostname, scratch / f"node{len(nodes)}", **kwargs)
+        nodes.append(node)
+        return node.boot()
+
+    try:
+        yield HealingNode.create(factory, **create)
+    finally:
+        for node in reversed(nodes):
+            with contextlib.suppress(Exception):
+                node.stop()
+            # HealingNode.create's own scratch folder (kubecertd-e2e-*: the signer's keys,
+            # the unit copies) is the parent of the folder it binds as the signer's.
+            for bind in node.binds:
+                if not isinstance(bind, str) and Path(bind[0]).parent.name.startswith(
+                    "kubecertd-e2e-"
+                ):
+                    shutil.rmtree(Path(bind[0]).parent, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def renice_node(node: Node, nice: int) -> int:
+    """Set the nice value of every thread of the node's processes (systemd's children
+    inherit it: restarted units too); the number of threads changed."""
+    pidns = node.namespaces["pid"]
+    changed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/pid").st_ino != pidns:
+                continue
+            for tid in os.listdir(f"/proc/{entry}/task"):
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+                changed += 1
+        except OSError:
+            continue
+    return changed
+
+
+# -- the machine -----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "loadavg": loadavg(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # without guest (already in user)
+    return total - idle, total
+
+
+def cpu_busy(seconds: float) -> float:
+    """Share of the whole machine's CPU time that was busy over the next ``seconds``."""
+    busy0, total0 = cpu_times()
+    time.sleep(seconds)
+    busy1, total1 = cpu_times()
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def wait_quiet(threshold: float, timeout: float, window: float = 0.5) -> float:
+    """Wait (at most ``timeout`` s) for a ``window`` in which the machine is at most
+    ``threshold`` busy; the last busy share seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = cpu_busy(window)
+        if busy <= threshold or time.monotonic() >= deadline:
+            return busy
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "median": percentile(values, 0.5),
+        "p90": percentile(values, 0.9),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def fmt_row(label: str, stats: dict[str, float], width: int = 44) -> str:
+    if not stats.get("n"):
+        return f"{label:<{width}} (no data)"
+    return (
+        f"{label:<{width}} {stats['median']:8.1f} {stats['p90']:8.1f} "
+        f"{stats['min']:8.1f} {stats['max']:8.1f}   n={stats['n']}"
+    )
+
+
+def fmt_header(width: int = 44, unit: str = "ms") -> str:
+    return f"{'':<{width}} {'median':>8} {'p90':>8} {'min':>8} {'max':>8}   ({unit})"
+
+
+# -- the journal -----------------------------------------------------------------------------
+
+
+def journal_since(
+    node: Node, since_s: float, *matches: str, unit: str | None = None
+) -> list[dict[str, Any]]:
+    """Entries (``journalctl -o json``) from ``since_s`` (UNIX seconds, rounded down) on,
+    with FIELD=value ``matches`` and/or of ``unit``; each gets ``ts`` (µs): the sender's
+    _SOURCE_REALTIME_TIMESTAMP where journald recorded one, else __REALTIME_TIMESTAMP."""
+    argv = ["journalctl", "--no-pager", "--all", "-o", "json", f"--since=@{int(since_s) - 1}"]
+    if unit:
+        argv += ["-u", unit]
+    argv += list(matches)
+    result = node.run(argv, check=True, timeout=30)
+    entries = []
+    for line in result.stdout.splitlines():
+        entry = json.loads(line)
+        for key, value in entry.items():
+            if isinstance(value, list) and all(isinstance(b, int) for b in value):
+                entry[key] = bytes(value).decode(errors="replace")
+        entry["ts"] = int(entry.get("_SOURCE_REALTIME_TIMESTAMP") or entry["__REALTIME_TIMESTAMP"])
+        entry["rts"] = int(entry["__REALTIME_TIMESTAMP"])
+        entries.append(entry)
+    entries.sort(key=lambda e: e["ts"])
+    return entries
+
+
+def wait(predicate: Any, timeout: float, interval: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
