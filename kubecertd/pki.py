@@ -175,6 +175,26 @@ def allows_client_auth(cert: x509.Certificate) -> bool:
     return any(usage in allowed for usage in usages)
 
 
+def key_usage(
+    *,
+    digital_signature: bool = True,
+    key_encipherment: bool = False,
+    signs_certificates: bool = False,
+) -> x509.KeyUsage:
+    """keyUsage with only the bits named set (CAs: certificates and CRLs)."""
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def generate_key(kind: str) -> PrivateKeyTypes:
     """A fresh private key of a SPEC ``key_type`` (``ecdsa-p256``, ``rsa-3072``, ...)."""
     family, _, size = kind.partition("-")

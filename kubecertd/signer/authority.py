@@ -185,17 +185,7 @@ def _new_ca(common_name: str, now: dt.datetime) -> policy.Issuer:
         .not_valid_after(now + CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            pki.key_usage(signs_certificates=True),
             critical=True,
         )
         .add_extension(ski, critical=False)

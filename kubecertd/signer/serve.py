@@ -86,7 +86,7 @@ def serve(config: SignerConfig, options: ServeOptions) -> int:
     context = tls_context(config)
     sock = bind(options.listen)
     if options.workers == 1:
-        return _run_worker(config, authority, context, sock, ready_fd=None)
+        return asyncio.run(_worker(config, authority, context, sock, ready_fd=None))
     # Counters shared by all workers, so that a scrape of any one is the whole signer;
     # set before kubecertd.signer.metrics is first imported (in the workers).
     metrics_dir = tempfile.mkdtemp(prefix="kubecertd-signer-metrics-")
@@ -112,7 +112,7 @@ def _supervise(
             os.close(read_end)
             status = 1
             try:
-                status = _run_worker(config, authority, context, sock, ready_fd=write_end)
+                status = asyncio.run(_worker(config, authority, context, sock, ready_fd=write_end))
             finally:
                 os._exit(status)
         children.add(pid)
@@ -163,16 +163,6 @@ def _wait_ready(read_end: int, workers: int) -> bool:
 def _kill(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # already gone
         os.kill(pid, signum)
-
-
-def _run_worker(
-    config: SignerConfig,
-    authority: Authority,
-    context: ssl.SSLContext,
-    sock: socket.socket,
-    ready_fd: int | None,
-) -> int:
-    return asyncio.run(_worker(config, authority, context, sock, ready_fd))
 
 
 async def _worker(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -31,7 +31,9 @@ from .sqlite import (
     WINDOW,
     node_revoked,
     rate_limited,
+    record_from_row,
     refused,
+    token_from_row,
     utc,
     verdict_of,
 )
@@ -83,19 +85,6 @@ _OUTSTANDING = (
 )
 
 Connection = psycopg.AsyncConnection[tuple[Any, ...]]
-
-
-def _token(row: Sequence[Any]) -> TokenInfo:
-    token_id, node, created, expires, secret_hash = row
-    return TokenInfo(token_id, node, utc(created), utc(expires), secret_hash)
-
-
-def _record(row: Sequence[Any]) -> AuditRecord:
-    values = dict(zip(AUDIT_COLUMNS, row, strict=True))
-    for name in ("time", "not_before", "not_after"):
-        if values[name] is not None:
-            values[name] = utc(values[name])
-    return AuditRecord(**values)
 
 
 def describe(url: str) -> str:
@@ -261,13 +250,13 @@ class PostgresStore:
         async with self._session("read tokens") as conn:
             cursor = await conn.execute(_OUTSTANDING + " AND id = %s", (utc(now), token_id))
             row = await cursor.fetchone()
-        return _token(row) if row else None
+        return token_from_row(row, utc) if row else None
 
     async def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
         async with self._session("read tokens") as conn:
             cursor = await conn.execute(_OUTSTANDING + " ORDER BY created, id", (utc(now),))
             rows = await cursor.fetchall()
-        return [_token(row) for row in rows]
+        return [token_from_row(row, utc) for row in rows]
 
     async def revoke_token(self, token_id: str) -> bool:
         async with self._session(f"revoke token {token_id}") as conn:
@@ -304,4 +293,4 @@ class PostgresStore:
                 [*params, max(limit, 0)],
             )
             rows = await cursor.fetchall()
-        return [_record(row) for row in reversed(rows)]
+        return [record_from_row(row, utc) for row in reversed(rows)]

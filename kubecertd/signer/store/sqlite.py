@@ -25,7 +25,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import ISSUED, REFUSED, AuditRecord, StoreError, TokenInfo, Verdict
@@ -162,19 +162,18 @@ def _opt_text(value: dt.datetime | None) -> str | None:
     return None if value is None else _text(value)
 
 
-def _opt_time(text: str | None) -> dt.datetime | None:
-    return None if text is None else _time(text)
-
-
-def _token(row: Sequence[Any]) -> TokenInfo:
+def token_from_row(row: Sequence[Any], to_time: Callable[[Any], dt.datetime]) -> TokenInfo:
+    """A ``tokens`` row as both stores select it; ``to_time`` reads that store's times."""
     token_id, node, created, expires, secret_hash = row
-    return TokenInfo(token_id, node, _time(created), _time(expires), secret_hash)
+    return TokenInfo(token_id, node, to_time(created), to_time(expires), secret_hash)
 
 
-def _record(row: Sequence[Any]) -> AuditRecord:
+def record_from_row(row: Sequence[Any], to_time: Callable[[Any], dt.datetime]) -> AuditRecord:
+    """An ``audit`` row (AUDIT_COLUMNS) as both stores select it."""
     values = dict(zip(AUDIT_COLUMNS, row, strict=True))
     for name in ("time", "not_before", "not_after"):
-        values[name] = _opt_time(values[name])
+        if values[name] is not None:
+            values[name] = to_time(values[name])
     return AuditRecord(**values)
 
 
@@ -368,11 +367,11 @@ class SqliteStore:
 
     async def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
         rows = self._read("read tokens", _OUTSTANDING + " AND id = ?", (_text(now), token_id))
-        return _token(rows[0]) if rows else None
+        return token_from_row(rows[0], _time) if rows else None
 
     async def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
         rows = self._read("read tokens", _OUTSTANDING + " ORDER BY created, id", (_text(now),))
-        return [_token(row) for row in rows]
+        return [token_from_row(row, _time) for row in rows]
 
     async def revoke_token(self, token_id: str) -> bool:
         with self._write(f"revoke token {token_id}") as conn:
@@ -406,4 +405,4 @@ class SqliteStore:
             " ORDER BY time DESC, id DESC LIMIT ?",
             [*params, max(limit, 0)],
         )
-        return [_record(row) for row in reversed(rows)]
+        return [record_from_row(row, _time) for row in reversed(rows)]
