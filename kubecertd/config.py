@@ -1,20 +1,25 @@
 """The agent's configuration: a frozen value from a pure loader (SPEC "Configuration").
 
-Each setting is a dataclass field whose metadata names a converter: a small function
-that takes the raw TOML value and returns the typed one or raises ``ValueError``.
-The loader re-raises that as a ``ConfigError`` naming ``section.key`` and the file, so
-every mistake in a config file is one line that says where it is.  The signer's
-configuration is built from the same pieces (``kubecertd.signer.config``).
-"""
+Each section is a ``NamedTuple`` whose settings are annotated with a kind of setting,
+as in ``ca: NonEmpty = "ca.pem"``.  A kind is ``Annotated[type, converter]``: a small
+function that takes the raw TOML value and returns the typed one or raises
+``ValueError``.  The loader re-raises that as
+a ``ConfigError`` naming ``section.key`` and the file, so every mistake in a config file
+is one line that says where it is.  A field whose default is itself a section is a
+nested TOML table; a field without a converter (``source``) is not a setting.  The
+signer's configuration is built from the same pieces (``kubecertd.signer.config``).
 
-from __future__ import annotations
+NamedTuples and not frozen dataclasses: ``kubecertd --check`` loads this module on
+every run, and a dataclass ``exec``s its generated methods and imports ``inspect``,
+which cost 20-30 ms of a 120 ms budget (BENCHMARKS.md).  The annotations are evaluated
+(no ``from __future__ import annotations``) so that the loader can read them.
+"""
 
 import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 from .errors import ConfigError
 
@@ -135,46 +140,57 @@ def _toml_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def setting(default: Any, convert: Converter) -> Any:
-    """A dataclass field that the loader fills from TOML through ``convert``."""
-    return field(default=default, metadata={"convert": convert})
-
-
-def section(cls: type[T], **defaults: Any) -> Any:
-    """A dataclass field holding a nested TOML table (``defaults`` override the class's)."""
-    return field(default_factory=lambda: cls(**defaults), metadata={"section": cls})
+# The kinds of setting: the type for mypy, the converter for the loader.
+String = Annotated[str, string]
+NonEmpty = Annotated[str, nonempty]
+Boolean = Annotated[bool, boolean]
+Duration = Annotated[float, duration]
+PositiveDuration = Annotated[float, positive_duration]
+Fraction = Annotated[float, fraction]
+Count = Annotated[int, count]
+PositiveCount = Annotated[int, positive_count]
+KeyType = Annotated[str, key_type]
+NodeName = Annotated[str, node_name]
+Url = Annotated[str, url]
 
 
 def build(
     cls: type[T], table: Mapping[str, Any], where: str, prefix: str = "", base: T | None = None
 ) -> T:
-    """Fill dataclass ``cls`` (starting from ``base``) from a TOML table.
+    """Fill section ``cls`` (starting from ``base``, else its defaults) from a TOML table.
 
     Unknown keys and bad values are ``ConfigError``s naming ``section.key`` and the file.
     """
-    known = {f.name: f for f in fields(cls) if f.metadata}  # type: ignore[arg-type]
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{where}: unknown setting {prefix}{key}")
-    start = base if base is not None else cls()
+    start: Any = cls() if base is None else base
     values: dict[str, Any] = {}
-    for name, spec in known.items():
-        if name not in table:
-            continue
-        raw, dotted = table[name], f"{prefix}{name}"
-        if "section" in spec.metadata:
+    for name, raw in table.items():
+        dotted = f"{prefix}{name}"
+        current = getattr(start, name) if name in start._fields else None
+        convert = _converter(cls.__annotations__.get(name))
+        if _is_section(current):
             if not isinstance(raw, dict):
                 raise ConfigError(f"{where}: [{dotted}] must be a table")
-            current = getattr(start, name)
-            values[name] = build(spec.metadata["section"], raw, where, f"{dotted}.", current)
-            continue
-        if isinstance(raw, dict):
+            values[name] = build(type(current), raw, where, f"{dotted}.", current)
+        elif convert is None:
+            raise ConfigError(f"{where}: unknown setting {dotted}")
+        elif isinstance(raw, dict):
             raise ConfigError(f"{where}: {dotted} is a setting, not a table")
-        try:
-            values[name] = spec.metadata["convert"](raw)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {dotted}: {exc}") from exc
-    return replace(start, **values)  # type: ignore[type-var]
+        else:
+            try:
+                values[name] = convert(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {dotted}: {exc}") from exc
+    return start._replace(**values)  # type: ignore[no-any-return]
+
+
+def _converter(kind: Any) -> Converter | None:
+    """The converter of a kind of setting (``Annotated[type, converter]``), else None."""
+    metadata = getattr(kind, "__metadata__", ())
+    return metadata[0] if metadata else None
+
+
+def _is_section(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(value, "_fields")
 
 
 def parse_toml(text: str, where: str) -> dict[str, Any]:
@@ -214,61 +230,54 @@ def read_config_text(
 # -- the agent's configuration ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Files:
-    ca: str = setting("ca.pem", nonempty)
-    cert: str = setting("worker.pem", nonempty)
-    key: str = setting("worker-key.pem", nonempty)
+class Files(NamedTuple):
+    ca: NonEmpty = "ca.pem"
+    cert: NonEmpty = "worker.pem"
+    key: NonEmpty = "worker-key.pem"
 
 
-@dataclass(frozen=True)
-class Policy:
-    key_type: str = setting("ecdsa-p256", key_type)
-    renew_fraction: float = setting(0.7, fraction)
-    warn_fraction: float = setting(0.8, fraction)
+class Policy(NamedTuple):
+    key_type: KeyType = "ecdsa-p256"
+    renew_fraction: Fraction = 0.7
+    warn_fraction: Fraction = 0.8
 
 
-@dataclass(frozen=True)
-class Signer:
-    url: str = setting("", url)
-    ca: str = setting("/etc/kubecertd/signer-ca.pem", nonempty)
-    identity_cert: str = setting("/var/lib/kubecertd/identity.pem", nonempty)
-    identity_key: str = setting("/var/lib/kubecertd/identity-key.pem", nonempty)
-    timeout: float = setting(10.0, positive_duration)
+class Signer(NamedTuple):
+    url: Url = ""
+    ca: NonEmpty = "/etc/kubecertd/signer-ca.pem"
+    identity_cert: NonEmpty = "/var/lib/kubecertd/identity.pem"
+    identity_key: NonEmpty = "/var/lib/kubecertd/identity-key.pem"
+    timeout: PositiveDuration = 10.0
 
 
-@dataclass(frozen=True)
-class Kubelet:
-    unit: str = setting("kubelet.service", nonempty)
-    restart: bool = setting(True, boolean)
-    settle: float = setting(10.0, duration)
-    max_restarts_per_hour: int = setting(4, count)
+class Kubelet(NamedTuple):
+    unit: NonEmpty = "kubelet.service"
+    restart: Boolean = True
+    settle: Duration = 10.0
+    max_restarts_per_hour: Count = 4
 
 
-@dataclass(frozen=True)
-class Daemon:
-    debounce: float = setting(1.0, duration)
-    recheck: float = setting(300.0, positive_duration)
-    state_dir: str = setting("/var/lib/kubecertd", nonempty)
-    backups: int = setting(3, count)
+class Daemon(NamedTuple):
+    debounce: Duration = 1.0
+    recheck: PositiveDuration = 300.0
+    state_dir: NonEmpty = "/var/lib/kubecertd"
+    backups: Count = 3
 
 
-@dataclass(frozen=True)
-class Metrics:
-    textfile: str = setting("", string)
+class Metrics(NamedTuple):
+    textfile: String = ""
 
 
-@dataclass(frozen=True)
-class Config:
-    node_name: str = setting("", node_name)
-    ssl_dir: str = setting("/etc/kubernetes/ssl", nonempty)
-    files: Files = section(Files)
-    policy: Policy = section(Policy)
-    signer: Signer = section(Signer)
-    kubelet: Kubelet = section(Kubelet)
-    daemon: Daemon = section(Daemon)
-    metrics: Metrics = section(Metrics)
-    source: str = field(default="(defaults)", compare=False)
+class Config(NamedTuple):
+    node_name: NodeName = ""
+    ssl_dir: NonEmpty = "/etc/kubernetes/ssl"
+    files: Files = Files()
+    policy: Policy = Policy()
+    signer: Signer = Signer()
+    kubelet: Kubelet = Kubelet()
+    daemon: Daemon = Daemon()
+    metrics: Metrics = Metrics()
+    source: str = "(defaults)"  # the file it came from, for messages
 
     def _in_ssl_dir(self, name: str) -> str:
         return os.path.join(self.ssl_dir, name)  # an absolute name stays as it is
@@ -294,7 +303,7 @@ def load_config(text: str | None, where: str, hostname: str) -> Config:
         raise ConfigError(
             f"{where}: node_name: the hostname {hostname!r} is not a valid node name; set node_name"
         )
-    return replace(config, node_name=name, source=where)
+    return config._replace(node_name=name, source=where)
 
 
 def default_node_name(hostname: str) -> str:

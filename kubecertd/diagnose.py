@@ -2,14 +2,14 @@
 
 ``diagnose(material, node, now, policy)`` reads nothing and changes nothing; the same
 inputs always give the same ``Diagnosis``.  Every code in SPEC's findings table is
-produced here and nowhere else.
+produced here and nowhere else.  The values are NamedTuples, not frozen dataclasses,
+for ``kubecertd --check``'s start-up time (see ``kubecertd.config``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -71,8 +71,7 @@ CODES: dict[str, tuple[str, str]] = {
 }
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(NamedTuple):
     code: str
     severity: str
     path: str
@@ -80,17 +79,10 @@ class Finding:
     hint: str
 
     def to_dict(self) -> dict[str, str]:
-        return {
-            "code": self.code,
-            "severity": self.severity,
-            "path": self.path,
-            "message": self.message,
-            "hint": self.hint,
-        }
+        return self._asdict()
 
 
-@dataclass(frozen=True)
-class CheckPolicy:
+class CheckPolicy(NamedTuple):
     """What the diagnosis needs from the configuration, and who may own the key."""
 
     warn_fraction: float = 0.8
@@ -102,8 +94,7 @@ class CheckPolicy:
         return cls(warn_fraction=config.policy.warn_fraction, key_owners=frozenset({0, euid}))
 
 
-@dataclass(frozen=True)
-class FileReport:
+class FileReport(NamedTuple):
     """What the human report shows about one file besides its findings."""
 
     role: str  # "CA", "Certificate", "Key"
@@ -111,14 +102,13 @@ class FileReport:
     facts: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
-class Diagnosis:
+class Diagnosis(NamedTuple):
     node: str
     now: dt.datetime
     findings: tuple[Finding, ...]
     files: tuple[FileReport, ...]
-    cert: x509.Certificate | None = field(default=None, compare=False)
-    ca: x509.Certificate | None = field(default=None, compare=False)
+    cert: x509.Certificate | None = None
+    ca: x509.Certificate | None = None
 
     @property
     def healthy(self) -> bool:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # No certificate, bundle or key of a kubelet comes near this; anything larger is not one.
 MAX_FILE_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class FileState:
+class FileState(NamedTuple):
     path: str
     data: bytes | None = None  # None when missing or unreadable
     missing: bool = False
@@ -25,8 +24,7 @@ class FileState:
     too_large: bool = False
 
 
-@dataclass(frozen=True)
-class Material:
+class Material(NamedTuple):
     ca: FileState
     cert: FileState
     key: FileState

@@ -11,7 +11,7 @@ import hashlib
 import warnings
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import NameOID
@@ -19,6 +19,21 @@ from cryptography.x509.oid import NameOID
 # cryptography warns each time it parses a CN over 64 characters; such names are legal
 # node names (see _common_name), so the warning is noise in both programs' logs.
 warnings.filterwarnings("ignore", message="Attribute's length must be", category=UserWarning)
+
+# The key loaders that cryptography.hazmat.primitives.serialization re-exports (42-50),
+# taken from the binding directly: importing the serialization package also imports its
+# SSH module and, through it, dataclasses and inspect, 20-25 ms of `kubecertd --check`'s
+# start-up (BENCHMARKS.md).  Code that writes PEM imports the package where it does so.
+try:
+    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+
+    _load_pem_key = _rust_openssl.keys.load_pem_private_key
+    _load_der_key = _rust_openssl.keys.load_der_private_key
+except (ImportError, AttributeError):  # pragma: no cover - another cryptography layout
+    from cryptography.hazmat.primitives import serialization as _serialization
+
+    _load_pem_key = _serialization.load_pem_private_key
+    _load_der_key = _serialization.load_der_private_key
 
 NODE_PREFIX = "system:node:"
 NODES_GROUP = "system:nodes"
@@ -64,9 +79,8 @@ def load_private_key(data: bytes) -> PrivateKeyTypes:
     if b"ENCRYPTED" in data:
         raise ValueError("the key is encrypted; kubelet needs an unencrypted key")
     try:
-        if b"-----BEGIN" in data:
-            return serialization.load_pem_private_key(data, password=None)
-        return serialization.load_der_private_key(data, password=None)
+        load = _load_pem_key if b"-----BEGIN" in data else _load_der_key
+        return load(data, None, unsafe_skip_rsa_key_validation=False)
     except TypeError as exc:  # "Password was not given but private key is encrypted"
         raise ValueError("the key is encrypted; kubelet needs an unencrypted key") from exc
     except Exception as exc:  # cryptography raises assorted errors on garbage
@@ -102,13 +116,16 @@ def iso(moment: dt.datetime) -> str:
 
 
 def spki_der(key: PublicKeyTypes) -> bytes:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see above
+
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
 def same_public_key(a: PublicKeyTypes, b: PublicKeyTypes) -> bool:
-    return spki_der(a) == spki_der(b)
+    """The same key: cryptography compares public keys by value (and by type)."""
+    return a == b
 
 
 def key_fingerprint(key: PublicKeyTypes) -> str:
@@ -205,6 +222,8 @@ def generate_key(kind: str) -> PrivateKeyTypes:
 
 
 def private_key_pem(key: PrivateKeyTypes) -> bytes:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see above
+
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -213,6 +232,8 @@ def private_key_pem(key: PrivateKeyTypes) -> bytes:
 
 
 def certificate_pem(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see above
+
     return cert.public_bytes(serialization.Encoding.PEM)
 
 

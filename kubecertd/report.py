@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 from .diagnose import ERROR, Diagnosis, Finding
 
 _INDENT = " " * 4
 
 
 def render_json(diagnosis: Diagnosis) -> str:
+    import json  # noqa: PLC0415 - only --json pays for it
+
     return json.dumps(diagnosis.to_dict(), indent=2)
 
 

@@ -234,3 +234,38 @@ def test_real_subprocess_bad_config_has_no_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert str(config) in result.stderr
+
+
+# Modules `--check` must not load: the daemon's edges (HTTP, D-Bus, inotify, metrics) and
+# the start-up costs measured in BENCHMARKS.md (dataclasses pulls in inspect; the
+# serialization package its SSH module; shutil bz2 and lzma).
+NOT_FOR_CHECK = (
+    "requests",
+    "http.client",
+    "ssl",
+    "jeepney",
+    "pyinotify",
+    "systemd",
+    "prometheus_client",
+    "dataclasses",
+    "inspect",
+    "cryptography.hazmat.primitives.serialization",
+    "shutil",
+)
+
+
+def test_check_imports_only_what_checking_needs(healthy_config: Path) -> None:
+    """A real `--check` run in a fresh interpreter loads none of the daemon's or avoidable modules."""
+    code = (
+        "import sys\n"
+        "from kubecertd.cli import main\n"
+        f"status = main(['--check', '--config', {str(healthy_config)!r}])\n"
+        "print(status, *sorted(sys.modules), file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    status, *modules = result.stderr.split()
+    assert status == "0", result.stderr
+    assert "cryptography.x509" in modules  # the check did run
+    assert sorted(set(modules) & set(NOT_FOR_CHECK)) == []

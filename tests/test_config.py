@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import socket
 from pathlib import Path
@@ -86,9 +85,14 @@ textfile = ""                    # e.g. "/var/lib/node_exporter/textfile_collect
 
 def settings_of(cfg: Config) -> dict[str, object]:
     """Every setting of a Config as nested dicts, without node_name and source."""
-    values = dataclasses.asdict(cfg)
+    values = _as_dicts(cfg)
     del values["node_name"], values["source"]
     return values
+
+
+def _as_dicts(section: tuple[object, ...]) -> dict[str, object]:
+    fields = section._asdict()  # type: ignore[attr-defined]
+    return {k: _as_dicts(v) if hasattr(v, "_asdict") else v for k, v in fields.items()}
 
 
 def load(text: str | None, hostname: str = HOST) -> Config:

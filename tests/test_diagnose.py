@@ -8,7 +8,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -649,7 +649,7 @@ def test_warn_fraction_follows_policy(boundary_dir: Callable[..., SslDir]) -> No
     paths = boundary_dir(not_before=CERT_NOT_BEFORE, not_after=CERT_NOT_BEFORE + 100 * DAY)
     material = read_material(*paths)
     at = CERT_NOT_BEFORE + 50 * DAY + SECOND
-    assert diagnose(material, NODE, at, replace(POLICY, warn_fraction=0.5)).codes == [
+    assert diagnose(material, NODE, at, POLICY._replace(warn_fraction=0.5)).codes == [
         "cert-expiring"
     ]
     assert diagnose(material, NODE, at, POLICY).codes == []
@@ -768,7 +768,7 @@ def material_with(role: str, data: bytes) -> Material:
     states = {
         name: FileState(MEMORY_PATHS[name], data=GOOD[name], mode=0o600, uid=0) for name in ROLES
     }
-    states[role] = replace(states[role], data=data)
+    states[role] = states[role]._replace(data=data)
     return Material(**states)
 
 

@@ -8,7 +8,6 @@ systemd live in test_daemon_systemd.py.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import os
 import time
@@ -384,4 +383,3 @@ def test_identity_key_never_leaves_the_node(make_config: Callable[..., Config]) 
     assert pki.same_public_key(
         x509.load_pem_x509_csr(seen[0]).public_key(), installed_key.public_key()
     )
-    assert dataclasses.is_dataclass(config)

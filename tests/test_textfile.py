@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
 import stat
@@ -120,7 +119,7 @@ def test_textfile_without_a_certificate(tmp_path: Path) -> None:
 
 def test_textfile_counts_repeated_codes(unhealthy: Diagnosis) -> None:
     """A code found twice in one diagnosis is counted 2."""
-    twice = dataclasses.replace(unhealthy, findings=unhealthy.findings + unhealthy.findings[:1])
+    twice = unhealthy._replace(findings=unhealthy.findings + unhealthy.findings[:1])
     code = unhealthy.findings[0].code
     assert samples(text_of(twice))[("kubecertd_findings", (("code", code),))] == 2.0
 

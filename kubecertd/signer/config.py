@@ -1,19 +1,16 @@
 """The signer's configuration (SPEC "Central signer"), built like the agent's."""
 
-from __future__ import annotations
-
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from typing import Annotated, NamedTuple
 
 from ..config import (
+    PositiveCount,
+    PositiveDuration,
+    String,
     build,
     parse_toml,
-    positive_count,
-    positive_duration,
     read_config_text,
-    section,
-    setting,
     string,
 )
 from ..errors import ConfigError
@@ -22,20 +19,18 @@ DEFAULT_CONFIG = "/etc/kubecertd/signer.toml"
 DEFAULT_DIR = "/etc/kubecertd/signer"
 
 
-@dataclass(frozen=True)
-class Pair:
+class Pair(NamedTuple):
     """A certificate and its private key, as two PEM files."""
 
-    cert: str = setting("", string)
-    key: str = setting("", string)
+    cert: String = ""
+    key: String = ""
 
 
-@dataclass(frozen=True)
-class Policy:
-    cert_lifetime: float = setting(30 * 86400.0, positive_duration)
-    identity_lifetime: float = setting(365 * 86400.0, positive_duration)
-    token_ttl: float = setting(3600.0, positive_duration)
-    max_issuances_per_node_per_hour: int = setting(10, positive_count)
+class Policy(NamedTuple):
+    cert_lifetime: PositiveDuration = 30 * 86400.0
+    identity_lifetime: PositiveDuration = 365 * 86400.0
+    token_ttl: PositiveDuration = 3600.0
+    max_issuances_per_node_per_hour: PositiveCount = 10
 
 
 def _pair(name: str) -> Pair:
@@ -63,16 +58,19 @@ def database_url(value: object) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class SignerConfig:
-    listen: str = setting("0.0.0.0:8443", listen_address)
-    state: str = setting("/var/lib/kubecertd-signer/state.db", string)
-    database_url: str = setting("", database_url)
-    cluster_ca: Pair = section(Pair, **vars(_pair("ca")))
-    identity_ca: Pair = section(Pair, **vars(_pair("identity-ca")))
-    tls: Pair = section(Pair, **vars(_pair("signer")))
-    policy: Policy = section(Policy)
-    source: str = field(default="(defaults)", compare=False)
+ListenAddress = Annotated[str, listen_address]
+DatabaseUrl = Annotated[str, database_url]
+
+
+class SignerConfig(NamedTuple):
+    listen: ListenAddress = "0.0.0.0:8443"
+    state: String = "/var/lib/kubecertd-signer/state.db"
+    database_url: DatabaseUrl = ""
+    cluster_ca: Pair = _pair("ca")
+    identity_ca: Pair = _pair("identity-ca")
+    tls: Pair = _pair("signer")
+    policy: Policy = Policy()
+    source: str = "(defaults)"  # the file it came from, for messages
 
 
 def load_signer_config(text: str | None, where: str) -> SignerConfig:
@@ -82,7 +80,7 @@ def load_signer_config(text: str | None, where: str) -> SignerConfig:
         pair: Pair = getattr(config, name)
         if not pair.cert or not pair.key:
             raise ConfigError(f"{where}: [{name}] needs both cert and key")
-    return replace(config, source=where)
+    return config._replace(source=where)
 
 
 def read_signer_config(path: str | None, env: Mapping[str, str] | None = None) -> SignerConfig:
