@@ -16,7 +16,6 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from . import pki, schedule
 from .config import Config
@@ -68,15 +67,15 @@ def fingerprint(material: Material) -> tuple[object, ...]:
     )
 
 
-@dataclass
 class Timers:
     """Monotonic deadlines; None means not set."""
 
-    debounce: float | None = None
-    recheck: float = 0.0
-    renewal: float | None = None
-    retry: float | None = None
-    watchdog: float | None = None
+    def __init__(self) -> None:
+        self.debounce: float | None = None
+        self.recheck = 0.0
+        self.renewal: float | None = None
+        self.retry: float | None = None
+        self.watchdog: float | None = None
 
     def nearest(self) -> float:
         return min(
@@ -86,20 +85,28 @@ class Timers:
         )
 
 
-@dataclass
 class Daemon:
-    config: Config
-    client: SignerClient
-    units: UnitManager | None
-    clock: Callable[[], dt.datetime] = utcnow
-    monotonic: Callable[[], float] = time.monotonic
-    random: Callable[[], float] = random.random
-    timers: Timers = field(default_factory=Timers)
-    counters: AgentCounters = field(default_factory=AgentCounters)
-    attempts: int = 0
-    own: tuple[object, ...] | None = None
-    last_codes: tuple[str, ...] | None = None
-    stopping: bool = False
+    def __init__(
+        self,
+        config: Config,
+        client: SignerClient,
+        units: UnitManager | None,
+        clock: Callable[[], dt.datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.units = units
+        self.clock = clock
+        self.monotonic = monotonic
+        self.random = random
+        self.timers = Timers()
+        self.counters = AgentCounters()
+        self.attempts = 0
+        self.own: tuple[object, ...] | None = None
+        self.last_codes: tuple[str, ...] | None = None
+        self.stopping = False
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -13,10 +13,9 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import pki, schedule
@@ -50,8 +49,7 @@ def healing_reason(diagnosis: Diagnosis, config: Config, now: dt.datetime) -> st
     return None
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What one healing did."""
 
     serial: str
@@ -62,13 +60,20 @@ class Outcome:
     written: tuple[tuple[str, bytes], ...] = ()  # what is on disk now by our hand
 
 
-@dataclass
 class Healer:
-    config: Config
-    client: SignerClient
-    units: UnitManager | None  # None: install without restarting anything
-    clock: Clock = utcnow
-    tick: Callable[[], None] = lambda: None  # called while waiting (watchdog pings)
+    def __init__(
+        self,
+        config: Config,
+        client: SignerClient,
+        units: UnitManager | None,  # None: install without restarting anything
+        clock: Clock = utcnow,
+        tick: Callable[[], None] = lambda: None,  # called while waiting (watchdog pings)
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.units = units
+        self.clock = clock
+        self.tick = tick
 
     def heal(self, diagnosis: Diagnosis, material: Material, reason: str) -> Outcome:
         config, node = self.config, self.config.node_name
@@ -86,9 +91,7 @@ class Healer:
             )  # step 1: the signer authenticated by [signer] ca
             ca_changed = _needs_ca(diagnosis, material, ca_pem)
             key = pki.generate_key(config.policy.key_type)  # step 2: the key never leaves the node
-            csr = pki.build_csr(key, pki.kubelet_subject(node)).public_bytes(
-                serialization.Encoding.PEM
-            )
+            csr = pki.csr_pem(pki.build_csr(key, pki.kubelet_subject(node)))
             issued = self.client.sign(csr, reason, identity)  # step 3
         cert_pem = issued.certificate
         cert = self._verify(ca_pem, cert_pem, key)  # step 4: nothing written before this passes
@@ -249,10 +252,9 @@ def _needs_ca(diagnosis: Diagnosis, material: Material, signer_ca: bytes) -> boo
     """Install the signer's CA when ours is unusable or differs from it."""
     if any(f.code in CA_CODES for f in diagnosis.findings):
         return True
-    der = serialization.Encoding.DER
-    try:
-        ours = {c.public_bytes(der) for c in pki.load_certificates(material.ca.data or b"")}
-        theirs = {c.public_bytes(der) for c in pki.load_certificates(signer_ca)}
+    try:  # certificates compare (and hash) by their DER encoding
+        ours = set(pki.load_certificates(material.ca.data or b""))
+        theirs = set(pki.load_certificates(signer_ca))
     except ValueError:
         return True
     return ours != theirs
@@ -306,7 +308,7 @@ def obtain_identity(
     """Enroll with ``token``, or renew with the current identity; install the new pair."""
     signer, node = config.signer, config.node_name
     key = pki.generate_key("ecdsa-p256")
-    csr = pki.build_csr(key, pki.identity_subject(node)).public_bytes(serialization.Encoding.PEM)
+    csr = pki.csr_pem(pki.build_csr(key, pki.identity_subject(node)))
     if token is not None:
         issued = client.enroll(token, csr)
     else:

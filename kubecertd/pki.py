@@ -20,17 +20,30 @@ from cryptography.x509.oid import NameOID
 # node names (see _common_name), so the warning is noise in both programs' logs.
 warnings.filterwarnings("ignore", message="Attribute's length must be", category=UserWarning)
 
-# The key loaders that cryptography.hazmat.primitives.serialization re-exports (42-50),
-# taken from the binding directly: importing the serialization package also imports its
-# SSH module and, through it, dataclasses and inspect, 20-25 ms of `kubecertd --check`'s
-# start-up (BENCHMARKS.md).  Code that writes PEM imports the package where it does so.
+# cryptography.hazmat.primitives.serialization is a package whose __init__ imports its
+# SSH module and, through that, dataclasses and inspect: 20-25 ms of every `kubecertd
+# --check` and 1.3 MiB of the agent's memory (BENCHMARKS.md).  What kubecertd needs of
+# it, the package re-exports from the two modules below (cryptography 42-50; a test pins
+# that they are the same objects), so they are imported from there.
 try:
     from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+    from cryptography.hazmat.primitives._serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
 
     _load_pem_key = _rust_openssl.keys.load_pem_private_key
     _load_der_key = _rust_openssl.keys.load_der_private_key
 except (ImportError, AttributeError):  # pragma: no cover - another cryptography layout
     from cryptography.hazmat.primitives import serialization as _serialization
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
 
     _load_pem_key = _serialization.load_pem_private_key
     _load_der_key = _serialization.load_der_private_key
@@ -116,11 +129,7 @@ def iso(moment: dt.datetime) -> str:
 
 
 def spki_der(key: PublicKeyTypes) -> bytes:
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see above
-
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 def same_public_key(a: PublicKeyTypes, b: PublicKeyTypes) -> bool:
@@ -222,19 +231,15 @@ def generate_key(kind: str) -> PrivateKeyTypes:
 
 
 def private_key_pem(key: PrivateKeyTypes) -> bytes:
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see above
-
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
 
 
 def certificate_pem(cert: x509.Certificate) -> bytes:
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see above
+    return cert.public_bytes(Encoding.PEM)
 
-    return cert.public_bytes(serialization.Encoding.PEM)
+
+def csr_pem(csr: x509.CertificateSigningRequest) -> bytes:
+    return csr.public_bytes(Encoding.PEM)
 
 
 def build_csr(key: PrivateKeyTypes, subject: x509.Name) -> x509.CertificateSigningRequest:

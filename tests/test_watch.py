@@ -73,6 +73,10 @@ def quiet_changes(watcher: Watcher) -> Changes:
     return watcher.read() if readable(watcher, 0) else Changes()
 
 
+def nothing(changes: Changes) -> bool:
+    return not changes.relevant and not changes.overflow and not changes.names
+
+
 def assert_drained(watcher: Watcher) -> None:
     assert not readable(watcher, 0), "events left in the queue"
 
@@ -208,7 +212,7 @@ def test_own_temporary_is_ignored(watcher: Watcher, layout: Layout) -> None:
     temp.unlink()
     assert readable(watcher, BOUND)  # the kernel did report them ...
     changes = watcher.read()  # ... and the watcher dropped them
-    assert changes == Changes()
+    assert nothing(changes), changes
     assert_drained(watcher)
 
 
@@ -219,7 +223,7 @@ def test_backup_folder_is_ignored(watcher: Watcher, layout: Layout) -> None:
     for name in NAMES:
         (folder / name).write_bytes(b"old " + name.encode())
     shutil.rmtree(folder)
-    assert quiet_changes(watcher) == Changes()
+    assert nothing(quiet_changes(watcher))
     assert_drained(watcher)
 
 
@@ -231,7 +235,7 @@ def test_sibling_of_ssl_dir_is_ignored(watcher: Watcher, layout: Layout) -> None
     (layout.parent / "kubeconfig.old").unlink()
     (layout.parent / "manifests").rmdir()
     assert readable(watcher, BOUND)
-    assert watcher.read() == Changes()
+    assert nothing(watcher.read())
     assert_drained(watcher)
 
 
@@ -350,4 +354,4 @@ def test_moved_aside_ssl_dir_is_no_longer_watched(watcher: Watcher, layout: Layo
     next_changes(watcher)
     assert near(watcher, [str(layout.parent)])
     (layout.parent / "ssl.old" / "worker.pem").write_bytes(b"old node's copy")
-    assert quiet_changes(watcher) == Changes()
+    assert nothing(quiet_changes(watcher))

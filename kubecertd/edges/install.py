@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import InstallError
 
@@ -41,8 +41,7 @@ def _no_checkpoint(_step: str) -> None:
     return None
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     path: str
     data: bytes
     mode: int  # 0o600 for keys, 0o644 for certificates

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..diagnose import CODES, Diagnosis
@@ -18,12 +17,12 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 
-@dataclass
 class AgentCounters:
     """Counts since the agent started (Prometheus resets are normal on restart)."""
 
-    renewals: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
-    kubelet_restarts: int = 0
+    def __init__(self, renewals: dict[str, int] | None = None, kubelet_restarts: int = 0) -> None:
+        self.renewals = renewals if renewals is not None else {"success": 0, "failure": 0}
+        self.kubelet_restarts = kubelet_restarts
 
 
 def render(diagnosis: Diagnosis, counters: AgentCounters, checked_at: float) -> CollectorRegistry:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pyinotify
@@ -45,13 +44,18 @@ PARENT_MASK = (
 logging.getLogger("pyinotify").setLevel(logging.CRITICAL)
 
 
-@dataclass
 class Changes:
     """What one read of the inotify queue saw."""
 
-    relevant: bool = False
-    overflow: bool = False
-    names: set[str] = field(default_factory=set)
+    __slots__ = ("names", "overflow", "relevant")
+
+    def __init__(self, relevant: bool = False, overflow: bool = False, names: Iterable[str] = ()):
+        self.relevant = relevant
+        self.overflow = overflow
+        self.names = set(names)
+
+    def __repr__(self) -> str:
+        return f"Changes(relevant={self.relevant}, overflow={self.overflow}, names={self.names})"
 
 
 class Watcher:
