@@ -11,7 +11,7 @@
     ├── InstallError              exit 1  the files could not be written (the old pair stays)
     └── UnitError                 exit 1  systemd refused or failed a kubelet restart
 
-Lower-level exceptions (OSError, ValueError, requests' and jeepney's) are wrapped once,
+Lower-level exceptions (OSError, ValueError, http.client's and jeepney's) are wrapped once,
 at the edge that meets them, with ``raise ... from exc``.
 """
 

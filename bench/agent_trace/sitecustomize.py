@@ -3,7 +3,7 @@
 bench/heal_latency.py copies this file into the node and points the agent's unit at it
 with a drop-in (``Environment=PYTHONPATH=… KUBECERTD_BENCH_TRACE=1``); kubecertd itself
 is not edited. It wraps the functions a heal goes through (the signer round trips and
-what requests/urllib3 do inside them, key generation, verification, the install and its
+what http.client and ssl do inside them, key generation, verification, the install and its
 fsyncs, the D-Bus calls) and records, per call, its start (CLOCK_REALTIME), wall time,
 process CPU time and nesting depth. Nothing is written while a cycle runs: the spans are
 buffered and sent as ONE journal entry (``BENCH_KIND=spans``, ``BENCH_SPANS`` = JSON)
@@ -102,11 +102,9 @@ def _member(message: Any) -> str:
 
 
 def _install() -> None:
+    import http.client
     import ssl
 
-    import requests.sessions
-    import urllib3.connection
-    import urllib3.util.ssl_
     from jeepney.io import blocking
 
     from kubecertd import daemon, heal, pki
@@ -133,20 +131,18 @@ def _install() -> None:
     _wrap(pki, "generate_key", "pki.generate_key")
     _wrap(pki, "build_csr", "pki.build_csr")
     _wrap(pki, "private_key_pem", "pki.private_key_pem")
-    # the signer round trips and what requests/urllib3/ssl do in them
+    # the signer round trips and what http.client/ssl do in them
     _wrap(client.HttpSignerClient, "fetch_ca", "signer.fetch_ca")
     _wrap(client.HttpSignerClient, "sign", "signer.sign")
-    _wrap(requests.sessions.Session, "__init__", "requests.Session()")
-    _wrap(requests.sessions.Session, "request", "requests.request", label=lambda a, k: a[1])
-    _wrap(urllib3.connection.HTTPConnection, "_new_conn", "tcp.connect")
-    _wrap(urllib3.connection, "create_urllib3_context", "tls.create_context")
-    _wrap(urllib3.connection, "ssl_wrap_socket", "tls.wrap_socket")
+    _wrap(client.HttpSignerClient, "_context", "tls.context")  # built once per identity
     _wrap(ssl.SSLContext, "load_verify_locations", "tls.load_verify_locations")
     _wrap(ssl.SSLContext, "load_cert_chain", "tls.load_cert_chain")
-    _wrap(urllib3.util.ssl_, "_ssl_wrap_socket_impl", "tls.handshake")
+    # HTTPSConnection.connect: TCP (HTTPConnection.connect), then the handshake in wrap_socket
+    _wrap(http.client.HTTPConnection, "connect", "tcp.connect")
+    _wrap(ssl.SSLContext, "wrap_socket", "tls.handshake")
     _wrap(
-        urllib3.connection.HTTPConnection, "getresponse", "http.getresponse",
-        label=lambda a, k: a[0]._response_options.request_method,
+        http.client.HTTPConnection, "getresponse", "http.getresponse",
+        label=lambda a, k: a[0]._method,
     )  # fmt: skip
     # the install and its fsyncs
     _wrap(install, "write_file", "install.write_file")
