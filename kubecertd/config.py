@@ -1,13 +1,13 @@
 """The agent's configuration: a frozen value from a pure loader (SPEC "Configuration").
 
 Each section is a ``NamedTuple`` whose settings are annotated with a kind of setting,
-as in ``ca: NonEmpty = "ca.pem"``.  A kind is ``Annotated[type, converter]``: a small
-function that takes the raw TOML value and returns the typed one or raises
-``ValueError``.  The loader re-raises that as
-a ``ConfigError`` naming ``section.key`` and the file, so every mistake in a config file
-is one line that says where it is.  A field whose default is itself a section is a
-nested TOML table; a field without a converter (``source``) is not a setting.  The
-signer's configuration is built from the same pieces (``kubecertd.signer.config``).
+as in ``ca: NonEmpty = "ca.pem"``.  A kind is ``Annotated[type, converter]``, and a
+converter is a small function that takes the raw TOML value and returns the typed one
+or raises ``ValueError``.  The loader re-raises that as a ``ConfigError`` naming
+``section.key`` and the file, so every mistake in a config file is one line that says
+where it is.  A field whose default is itself a section is a nested TOML table; a field
+without a converter (``source``) is not a setting.  The signer's configuration is built
+from the same pieces (``kubecertd.signer.config``).
 
 NamedTuples and not frozen dataclasses: ``kubecertd --check`` loads this module on
 every run, and a dataclass ``exec``s its generated methods and imports ``inspect``,
