@@ -269,3 +269,23 @@ def test_check_imports_only_what_checking_needs(healthy_config: Path) -> None:
     assert status == "0", result.stderr
     assert "cryptography.x509" in modules  # the check did run
     assert sorted(set(modules) & set(NOT_FOR_CHECK)) == []
+
+
+def test_console_script_with_a_reader_gone_exits_quietly(healthy_config: Path) -> None:
+    """stdout is a pipe nobody reads any more (`| head` gone): exit 1, no traceback."""
+    script = Path(sys.executable).with_name("kubecertd")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE
+    try:
+        result = subprocess.run(
+            [str(script), "--check", "--config", str(healthy_config)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert result.stderr == ""
