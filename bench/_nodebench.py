@@ -10,7 +10,6 @@ Root only; everything talks over the node's own loopback.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from healing_node import AGENT, KUBELET, HealingNode  # noqa: E402
-from node_harness import NODE, Node, unavailable_reason  # noqa: E402
+from node_harness import NODE, Node, journal_entries, unavailable_reason  # noqa: E402
 
 __all__ = ["AGENT", "KUBELET", "HealingNode", "Node", "healing_node"]
 
@@ -60,18 +59,26 @@ def healing_node(**create: Any) -> Iterator[HealingNode]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def renice_node(node: Node, nice: int) -> int:
-    """Set the nice value of every thread of the node's processes (systemd's children
-    inherit it: restarted units too); the number of threads changed."""
+def node_processes(node: Node) -> Iterator[int]:
+    """Host PIDs of the processes in the node's PID namespace (those that vanish skipped)."""
     pidns = node.namespaces["pid"]
-    changed = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            if os.stat(f"/proc/{entry}/ns/pid").st_ino != pidns:
-                continue
-            for tid in os.listdir(f"/proc/{entry}/task"):
+            if os.stat(f"/proc/{entry}/ns/pid").st_ino == pidns:
+                yield int(entry)
+        except OSError:
+            continue
+
+
+def renice_node(node: Node, nice: int) -> int:
+    """Set the nice value of every thread of the node's processes (systemd's children
+    inherit it: restarted units too); the number of threads changed."""
+    changed = 0
+    for pid in node_processes(node):
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
                 os.setpriority(os.PRIO_PROCESS, int(tid), nice)
                 changed += 1
         except OSError:
@@ -184,16 +191,10 @@ def journal_since(
     if unit:
         argv += ["-u", unit]
     argv += list(matches)
-    result = node.run(argv, check=True, timeout=30)
-    entries = []
-    for line in result.stdout.splitlines():
-        entry = json.loads(line)
-        for key, value in entry.items():
-            if isinstance(value, list) and all(isinstance(b, int) for b in value):
-                entry[key] = bytes(value).decode(errors="replace")
+    entries = journal_entries(node.run(argv, check=True, timeout=30).stdout)
+    for entry in entries:
         entry["ts"] = int(entry.get("_SOURCE_REALTIME_TIMESTAMP") or entry["__REALTIME_TIMESTAMP"])
         entry["rts"] = int(entry["__REALTIME_TIMESTAMP"])
-        entries.append(entry)
     entries.sort(key=lambda e: e["ts"])
     return entries
 
@@ -207,3 +208,8 @@ def wait(predicate: Any, timeout: float, interval: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_healthy(h: HealingNode, what: str = "the agent's StatusText healthy") -> None:
+    """Until the agent says it is healthy (its sd_notify STATUS=), at most 30 s."""
+    wait(lambda: h.node.unit_property(AGENT, "StatusText").startswith("healthy"), 30, 0.2, what)

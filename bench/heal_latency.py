@@ -62,6 +62,7 @@ from _nodebench import (
     renice_node,
     summary,
     wait,
+    wait_healthy,
     wait_quiet,
 )
 
@@ -91,7 +92,7 @@ def status(h: HealingNode) -> str:
 
 def wait_idle(h: HealingNode, old_kubelet: int, gap: float) -> int:
     """Agent healthy, kubelet (re)started and registered, then a quiet gap; kubelet's PID."""
-    wait(lambda: status(h).startswith("healthy"), 30, 0.2, "the agent's StatusText healthy")
+    wait_healthy(h)
     pid = h.wait_registered(other_than=old_kubelet, timeout=30)
     time.sleep(gap)  # the agent's own-write debounce cycle, kubelet start-up CPU
     if not status(h).startswith("healthy"):
@@ -226,33 +227,47 @@ def enable_trace(h: HealingNode) -> None:
             time.sleep(2)
         else:
             raise RuntimeError(f"cannot restart {unit} with the trace drop-in")
-    wait(lambda: status(h).startswith("healthy"), 30, 0.2, "the traced agent healthy")
+    wait_healthy(h, "the traced agent healthy")
     for unit, mode in ((AGENT, "1"), (SIGNER, "signer")):
         env = node.unit_property(unit, "Environment")
         if f"KUBECERTD_BENCH_TRACE={mode}" not in env:
             raise RuntimeError(f"the drop-in of {unit} did not apply: Environment={env!r}")
 
 
-def signer_breakdown(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+PerName = dict[str, dict[str, list[float]]]
+
+
+def add_run(
+    spans: list[Any], origin: float, per_name: PerName, offsets: dict[str, list[float]]
+) -> None:
+    """One run's spans, summed per name (wall ms, calls, CPU ms, depth) into ``per_name``;
+    each name's start after ``origin`` into ``offsets`` (for the order of the rows)."""
+    sums: dict[str, list[float]] = {}
+    for name, start, wall, cpu, depth in spans:
+        acc = sums.setdefault(name, [0.0, 0, 0.0, depth, start - origin])
+        acc[0] += wall / 1000
+        acc[1] += 1
+        acc[2] += cpu / 1000
+    for name, (wall, count, cpu, depth, offset) in sums.items():
+        per_name[name]["wall"].append(wall)
+        per_name[name]["count"].append(count)
+        per_name[name]["cpu"].append(cpu)
+        per_name[name]["depth"].append(depth)
+        offsets[name].append(offset + depth * 1e-3)  # a parent before its first child
+
+
+def in_start_order(offsets: dict[str, list[float]]) -> list[str]:
+    return sorted(offsets, key=lambda n: sorted(offsets[n])[len(offsets[n]) // 2])
+
+
+def signer_breakdown(runs: list[dict[str, Any]]) -> tuple[list[str], PerName]:
     """The signer's spans per heal (GET /v1/ca + POST /v1/sign), summed per name; names in
     the order they start."""
     offsets: dict[str, list[float]] = defaultdict(list)
-    per_name: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    per_name: PerName = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        sums: dict[str, list[float]] = {}
-        for name, start, wall, cpu, depth in run.get("signer_spans", []):
-            acc = sums.setdefault(name, [0.0, 0, 0.0, depth, start - run["t0"]])
-            acc[0] += wall / 1000
-            acc[1] += 1
-            acc[2] += cpu / 1000
-        for name, (wall, count, cpu, depth, offset) in sums.items():
-            per_name[name]["wall"].append(wall)
-            per_name[name]["count"].append(count)
-            per_name[name]["cpu"].append(cpu)
-            per_name[name]["depth"].append(depth)
-            offsets[name].append(offset + depth * 1e-3)
-    order = sorted(offsets, key=lambda n: sorted(offsets[n])[len(offsets[n]) // 2])
-    return order, per_name
+        add_run(run.get("signer_spans", []), run["t0"], per_name, offsets)
+    return in_start_order(offsets), per_name
 
 
 def print_spans(
@@ -279,7 +294,7 @@ def span_breakdown(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, dic
     """Per span name: per-run total wall ms, calls per run, CPU ms, nesting depth; names in
     the order they start within the heal cycle."""
     offsets: dict[str, list[float]] = defaultdict(list)
-    per_name: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    per_name: PerName = defaultdict(lambda: defaultdict(list))
     for run in runs:
         spans = run["spans"]
         # The heal cycle: the "Daemon.cycle:change" span that contains Healer.heal.
@@ -295,20 +310,7 @@ def span_breakdown(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, dic
         if heal_cycle is None:
             continue
         lo, hi = heal_cycle[1], heal_cycle[1] + heal_cycle[2]
-        sums: dict[str, list[float]] = {}
-        for name, start, wall, cpu, depth in spans:
-            if not lo <= start <= hi:
-                continue
-            acc = sums.setdefault(name, [0.0, 0, 0.0, depth, start - lo])
-            acc[0] += wall / 1000
-            acc[1] += 1
-            acc[2] += cpu / 1000
-        for name, (wall, count, cpu, depth, offset) in sums.items():
-            per_name[name]["wall"].append(wall)
-            per_name[name]["count"].append(count)
-            per_name[name]["cpu"].append(cpu)
-            per_name[name]["depth"].append(depth)
-            offsets[name].append(offset + depth * 1e-3)  # a parent before its first child
+        add_run([s for s in spans if lo <= s[1] <= hi], lo, per_name, offsets)
         # detection: the inotify read after the unlink, then the debounce timer
         changes = [s for s in spans if s[0] == "Daemon._on_changes" and run["t0"] <= s[1] < lo]
         if changes:
@@ -319,8 +321,7 @@ def span_breakdown(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, dic
             per_name["(last inotify read -> cycle start: the debounce)"]["wall"].append(
                 (lo - (last[1] + last[2])) / 1000
             )
-    order = sorted(offsets, key=lambda n: sorted(offsets[n])[len(offsets[n]) // 2])
-    return order, per_name
+    return in_start_order(offsets), per_name
 
 
 # -- main ------------------------------------------------------------------------------------

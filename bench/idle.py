@@ -48,8 +48,10 @@ from _nodebench import (
     journal_since,
     loadavg,
     machine,
+    node_processes,
     percentile,
     wait,
+    wait_healthy,
 )
 
 VENV_PYTHON = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python")
@@ -90,19 +92,14 @@ SELECTS = ("select", "pselect6", "poll", "ppoll", "epoll_wait", "epoll_pwait")
 
 def host_pid(h: HealingNode, node_pid: int) -> int:
     """The host PID of the node's process ``node_pid`` (last NSpid field, same PID ns)."""
-    pidns = h.node.namespaces["pid"]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in node_processes(h.node):
         try:
-            if os.stat(f"/proc/{entry}/ns/pid").st_ino != pidns:
-                continue
-            status = Path(f"/proc/{entry}/status").read_text()
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
         match = re.search(r"^NSpid:\s+(.*)$", status, re.M)
         if match and int(match.group(1).split()[-1]) == node_pid:
-            return int(entry)
+            return pid
     raise RuntimeError(f"no host process for the node's PID {node_pid}")
 
 
@@ -311,12 +308,7 @@ def main() -> int:
     )
     result: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
     with healing_node(settle="1s", debounce="200ms") as h:
-        wait(
-            lambda: h.node.unit_property(AGENT, "StatusText").startswith("healthy"),
-            30,
-            0.2,
-            "healthy",
-        )
+        wait_healthy(h)
         time.sleep(args.grace)
         props = h.node.unit_properties(AGENT, "MainPID", "WatchdogUSec", "StatusText", "NRestarts")
         node_pid = int(props["MainPID"])
@@ -350,12 +342,7 @@ def main() -> int:
                 lambda: journal_since(h.node, t, "KUBECERTD_EVENT=kubelet-restarted", unit=AGENT),
                 60, 0.5, "the heal's kubelet-restarted event",
             )  # fmt: skip
-            wait(
-                lambda: h.node.unit_property(AGENT, "StatusText").startswith("healthy"),
-                30,
-                0.2,
-                "healthy",
-            )
+            wait_healthy(h)
             time.sleep(args.grace)
             if int(h.node.unit_property(AGENT, "MainPID")) != node_pid:
                 raise RuntimeError("the agent restarted during the heal")

@@ -65,6 +65,18 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def journal_entries(output: str) -> list[dict[str, Any]]:
+    """``journalctl -o json`` output as dicts; binary values (arrays of bytes) decoded."""
+    entries = []
+    for line in output.splitlines():
+        entry = json.loads(line)
+        for key, value in entry.items():
+            if isinstance(value, list) and all(isinstance(b, int) for b in value):
+                entry[key] = bytes(value).decode(errors="replace")
+        entries.append(entry)
+    return entries
+
+
 @dataclass
 class Node:
     """One throwaway node whose state lives in ``dir`` (a fresh temporary folder)."""
@@ -254,15 +266,7 @@ class Node:
         if unit:
             argv += ["-u", unit]
         argv += [f"{k}={v}" for k, v in fields.items()]
-        result = self.run(argv, check=True)
-        entries = []
-        for line in result.stdout.splitlines():
-            entry = json.loads(line)
-            for key, value in entry.items():
-                if isinstance(value, list) and all(isinstance(b, int) for b in value):
-                    entry[key] = bytes(value).decode(errors="replace")
-            entries.append(entry)
-        return entries
+        return journal_entries(self.run(argv, check=True).stdout)
 
     def messages(self, unit: str | None = None, **fields: str) -> list[str]:
         """The MESSAGE of each matching journal entry."""

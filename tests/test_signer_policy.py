@@ -321,17 +321,7 @@ def make_signing_ca(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            pki.key_usage(signs_certificates=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier(ski or os.urandom(20)), critical=False)
@@ -409,18 +399,7 @@ def _ext(extension: x509.ExtensionType, critical: bool = False) -> tuple[x509.Ex
 
 _CA_TRUE = _ext(x509.BasicConstraints(ca=True, path_length=None), critical=True)
 _KEY_CERT_SIGN = _ext(
-    x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    ),
-    critical=True,
+    pki.key_usage(digital_signature=False, signs_certificates=True), critical=True
 )
 _UNKNOWN_CRITICAL = _ext(x509.UnrecognizedExtension(UNKNOWN_OID, b"\x05\x00"), critical=True)
 _SERVER_EKU = _ext(x509.ExtendedKeyUsage([SERVER_AUTH, CODE_SIGNING]))
