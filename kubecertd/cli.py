@@ -127,21 +127,26 @@ def check_files(config: Config, now: dt.datetime | None = None) -> Diagnosis:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """The report always reaches stdout, also when ``--fix`` failed (then exit 1 or 2)."""
     config = load(args)
+    report = None
     if getattr(args, "fix", False):
         from .oneshot import fix  # noqa: PLC0415 - the healing stack is not for plain --check
 
-        diagnosis = fix(config, restart=not getattr(args, "no_restart", False))
+        diagnosis, report = fix(config, restart=not getattr(args, "no_restart", False))
     else:
         diagnosis = check_files(config)
     if getattr(args, "json", False):
         from .report import render_json  # noqa: PLC0415
 
-        print(render_json(diagnosis))
+        print(render_json(diagnosis, report))
     else:
         from .report import render_text  # noqa: PLC0415
 
-        print(render_text(diagnosis))
+        print(render_text(diagnosis, report))
+    if report is not None and report.error is not None:
+        print(f"kubecertd: error: {report.error}", file=sys.stderr)
+        return report.error.exit_code
     return 0 if diagnosis.healthy else 1
 
 
@@ -162,11 +167,16 @@ COMMANDS = {"check": cmd_check, "run": cmd_run, "enroll": cmd_enroll}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
         return COMMANDS[args.command](args)
     except KubecertdError as exc:
         print(f"kubecertd: error: {exc}", file=sys.stderr)
+        if "--json" in argv:  # a script reading stdout gets its one JSON object all the same
+            from .report import render_json_error  # noqa: PLC0415
+
+            print(render_json_error(exc))
         return exc.exit_code
     except SystemExit as exc:  # --version and --help end through argparse's exit()
         return exc.code if isinstance(exc.code, int) else 0

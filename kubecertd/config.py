@@ -118,9 +118,23 @@ def node_name(value: Any) -> str:
 
 
 def url(value: Any) -> str:
+    """``https://host[:port][/prefix]``, or "" for none."""
     text = string(value)
-    if text and not text.startswith("https://"):
+    if not text:
+        return text
+    if not text.startswith("https://"):
         raise ValueError(f"{text!r} must start with https:// (the signer speaks only TLS)")
+    from urllib.parse import urlsplit  # noqa: PLC0415 - only a config with a URL pays for it
+
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{text!r} has a port that is not a number from 1 to 65535") from None
+    if not parts.hostname or port == 0:
+        raise ValueError(f"{text!r} is not an https://host[:port] URL")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{text!r} must not carry a query, fragment or user name")
     return text.rstrip("/")
 
 

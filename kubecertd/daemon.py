@@ -32,6 +32,7 @@ from .errors import (
     InstallError,
     KubecertdError,
     LockHeld,
+    NoIdentity,
     SignerError,
     SignerRefused,
     SignerUnreachable,
@@ -327,7 +328,9 @@ def _status_of(exc: SignerError) -> str:
         return "signer unreachable"
     if isinstance(exc, SignerRefused):
         return f"signer refused ({exc.code})"
-    return "no usable node identity (kubecertd enroll --token ...)"
+    if isinstance(exc, NoIdentity):
+        return "no usable node identity (kubecertd enroll --token ...)"
+    return f"cannot reach the signer as configured ({exc.code})"
 
 
 def _is_as_written(material: Material, written: tuple[tuple[str, bytes], ...]) -> bool:

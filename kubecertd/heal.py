@@ -25,7 +25,7 @@ from .edges import journal
 from .edges.client import ClientCert, SignerClient
 from .edges.install import Target, install, replace_file
 from .edges.units import UnitManager
-from .errors import InstallError, SignerError, UnitError, VerificationError
+from .errors import InstallError, NoIdentity, UnitError, VerificationError
 from .material import FileState, Material, read_file
 
 Clock = Callable[[], dt.datetime]
@@ -136,7 +136,7 @@ class Healer:
             return signer.identity_cert, signer.identity_key
         if diagnosis.healthy:
             return self.config.cert_path, self.config.key_path
-        raise SignerError(
+        raise NoIdentity(
             f"no usable node identity at {signer.identity_cert} and the kubelet certificate is not healthy; "
             "enroll this node first: kubecertd enroll --token TOKEN"
         )

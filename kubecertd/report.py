@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .diagnose import ERROR, Diagnosis, Finding
+
+if TYPE_CHECKING:
+    from .errors import KubecertdError
+    from .oneshot import FixReport
 
 _INDENT = " " * 4
 
 
-def render_json(diagnosis: Diagnosis) -> str:
+def render_json(diagnosis: Diagnosis, fix: FixReport | None = None) -> str:
+    """SPEC's ``--check --json`` object; with ``--fix``, its ``fix`` object too."""
+    document = diagnosis.to_dict()
+    if fix is not None:
+        document["fix"] = fix.to_dict()
+    return _dumps(document)
+
+
+def render_json_error(error: KubecertdError) -> str:
+    """The object a ``--json`` run prints when it could not diagnose at all (exit 2)."""
+    document: dict[str, Any] = {"node": None, "healthy": None, "findings": [], "certificate": None}
+    document["error"] = {"code": error.code, "message": str(error)}
+    return _dumps(document)
+
+
+def _dumps(document: dict[str, Any]) -> str:
     import json  # noqa: PLC0415 - only --json pays for it
 
-    return json.dumps(diagnosis.to_dict(), indent=2)
+    return json.dumps(document, indent=2)
 
 
-def render_text(diagnosis: Diagnosis) -> str:
-    """One block per file (what it is, its facts, its findings with hints), then a verdict."""
+def render_text(diagnosis: Diagnosis, fix: FixReport | None = None) -> str:
+    """One block per file (what it is, its facts, its findings with hints), what ``--fix``
+    did, then a verdict."""
     lines = [
         f"kubecertd check of node {diagnosis.node} at {diagnosis.now:%Y-%m-%d %H:%M:%S} UTC",
         "",
@@ -31,6 +53,8 @@ def render_text(diagnosis: Diagnosis) -> str:
         lines.append("")
     for leftover in by_path.values():  # findings on a path none of the blocks shows
         lines.extend(_finding_lines(leftover))
+    if fix is not None:
+        lines.extend([_fix_line(fix), ""])
     lines.append(_verdict(diagnosis))
     return "\n".join(lines)
 
@@ -52,3 +76,22 @@ def _verdict(diagnosis: Diagnosis) -> str:
     summary = diagnosis.certificate_summary()
     until = f", certificate valid until {summary['not_after']}" if summary else ""
     return f"HEALTHY ({counts}){until}"
+
+
+def _fix_line(fix: FixReport) -> str:
+    tries = f"{fix.tries} tr{'ies' if fix.tries != 1 else 'y'}"
+    if fix.error is not None:
+        if fix.reason is None:  # it never got as far as deciding (another kubecertd runs)
+            return f"fix: not attempted ({fix.error.code}): {fix.error}"
+        return (
+            f"fix: failed for {fix.reason} after {tries} ({fix.error.code}): {fix.error}; "
+            "the files are as they were"
+        )
+    outcome = fix.outcome
+    if outcome is None:
+        return "fix: nothing to heal"
+    written = ", ".join(path for path, _ in outcome.written)
+    restart = {True: "; kubelet restarted", False: "; kubelet did not come back", None: ""}
+    if outcome.rolled_back:
+        return f"fix: certificate {outcome.serial} rolled back ({fix.reason}); kubelet did not come back with it; restored {written}"
+    return f"fix: healed {fix.reason} in {tries}: wrote {written} (certificate {outcome.serial}, valid until {outcome.not_after:%Y-%m-%dT%H:%M:%SZ}){restart[outcome.restarted]}"

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 import kubecertd
 from kubecertd import pki
 from kubecertd.edges.client import MAX_ANSWER, ClientCert, HttpSignerClient, Issued
-from kubecertd.errors import SignerRefused, SignerUnreachable
+from kubecertd.errors import SignerMisconfigured, SignerRefused, SignerUnreachable
 
 import factories
 from signer_harness import Signer, free_port
@@ -103,10 +103,12 @@ def test_csr_for_another_node_is_refused(signer: Signer) -> None:
     assert refused.value.retry_after is None
 
 
-def test_wrong_server_ca_is_a_tls_failure(signer: Signer) -> None:
-    """A signer whose certificate does not chain to [signer] ca is unreachable: TLS failed."""
+def test_wrong_server_ca_is_misconfigured(signer: Signer) -> None:
+    """A signer whose certificate does not chain to [signer] ca is a setup error naming that file."""
     client = HttpSignerClient(signer.url, str(signer.ca), TIMEOUT)  # the cluster CA
-    with pytest.raises(SignerUnreachable, match=r"/v1/ca: TLS failed: .*certificate verify failed"):
+    with pytest.raises(
+        SignerMisconfigured, match=rf"/v1/ca: .*does not verify against \[signer\] ca {signer.ca}"
+    ):
         client.fetch_ca()
 
 
@@ -132,9 +134,9 @@ def test_silent_server_times_out(tmp_path: Path) -> None:
     assert time.monotonic() - start < 5
 
 
-def test_empty_url_is_unreachable() -> None:
-    """No [signer] url configured: SignerUnreachable saying so, before any connection."""
-    with pytest.raises(SignerUnreachable, match=r"url is empty"):
+def test_empty_url_is_misconfigured() -> None:
+    """No [signer] url configured: SignerMisconfigured saying so, before any connection."""
+    with pytest.raises(SignerMisconfigured, match=r"url is empty"):
         HttpSignerClient("", "/nonexistent", TIMEOUT).fetch_ca()
 
 
@@ -493,7 +495,7 @@ def test_dead_kept_connection_resends_a_get_but_not_a_post(
 def test_unloadable_identity_names_the_file(
     material: Material, tmp_path: Path, broken: str, content: bytes | None
 ) -> None:
-    """A missing or garbage identity file is SignerUnreachable naming that file, on one line."""
+    """A missing or garbage identity file is SignerMisconfigured naming that file, on one line."""
     cert, key = material.identity
     path = Path(key if broken == "key" else cert)
     if content is None:
@@ -501,7 +503,7 @@ def test_unloadable_identity_names_the_file(
     else:
         path.write_bytes(content)
     client = HttpSignerClient(f"https://127.0.0.1:{free_port()}", material.ca, TIMEOUT)
-    with pytest.raises(SignerUnreachable) as unreachable:
+    with pytest.raises(SignerMisconfigured) as unreachable:
         client.sign(b"CSR", "renewal", (cert, key))
     message = str(unreachable.value)
     assert f"cannot load the client identity {path}: " in message
@@ -513,18 +515,18 @@ def test_key_of_another_certificate_names_the_key(material: Material, tmp_path: 
     cert, key = material.identity
     Path(key).write_bytes(factories.issue(factories.make_ca()).key_pem)
     client = HttpSignerClient(f"https://127.0.0.1:{free_port()}", material.ca, TIMEOUT)
-    with pytest.raises(SignerUnreachable, match=rf"identity {key}: .*mismatch"):
+    with pytest.raises(SignerMisconfigured, match=rf"identity {key}: .*mismatch"):
         client.fetch_ca((cert, key))
 
 
 @pytest.mark.parametrize("content", [None, b"garbage\n"], ids=["missing", "garbage"])
 def test_unloadable_server_ca_names_the_file(tmp_path: Path, content: bytes | None) -> None:
-    """A missing or garbage [signer] ca is SignerUnreachable naming the file."""
+    """A missing or garbage [signer] ca is SignerMisconfigured naming the file."""
     path = tmp_path / "signer-ca.pem"
     if content is not None:
         path.write_bytes(content)
     client = HttpSignerClient(f"https://127.0.0.1:{free_port()}", str(path), TIMEOUT)
-    with pytest.raises(SignerUnreachable, match=rf"cannot load the signer CA {path}: "):
+    with pytest.raises(SignerMisconfigured, match=rf"cannot load the signer CA {path} "):
         client.fetch_ca()
 
 

@@ -23,10 +23,20 @@ from kubecertd.cli import check_files
 from kubecertd.config import Config, load_config
 from kubecertd.diagnose import Diagnosis
 from kubecertd.edges.client import ClientCert, Issued
-from kubecertd.errors import SignerError, SignerUnreachable, VerificationError
+from kubecertd.errors import (
+    ConfigError,
+    InstallError,
+    KubecertdError,
+    NoIdentity,
+    SignerError,
+    SignerMisconfigured,
+    SignerRefused,
+    SignerUnreachable,
+    VerificationError,
+)
 from kubecertd.heal import Healer, healing_reason, load_restarts
 from kubecertd.material import Material, read_material
-from kubecertd.oneshot import with_retries
+from kubecertd.oneshot import Retries, with_retries
 from kubecertd.signer import policy
 
 import factories
@@ -363,6 +373,47 @@ def test_unreachable_signer_is_tried_three_times() -> None:
         with_retries(action, sleep=sleeps.append)
     assert len(calls) == 3 and len(sleeps) == 2
     assert sum(sleeps) <= 30
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(SignerMisconfigured("no signer configured"), id="signer-misconfigured"),
+        pytest.param(SignerRefused(403, "token-invalid", "spent"), id="token-invalid"),
+        pytest.param(SignerRefused(403, "forbidden-node", "node B"), id="forbidden-node"),
+        pytest.param(NoIdentity("enroll first"), id="no-identity"),
+        pytest.param(ConfigError("kubecertd.toml: signer.url is empty"), id="config-error"),
+        pytest.param(VerificationError("not this node's"), id="verification-failed"),
+        pytest.param(InstallError("read-only file system"), id="install-failed"),
+    ],
+)
+def test_what_waiting_cannot_change_is_tried_once(error: KubecertdError) -> None:
+    """A refusal or a setup error ends the first try: no second try, no sleep."""
+    sleeps: list[float] = []
+    retries = Retries(sleep=sleeps.append)
+
+    def action() -> None:
+        raise error
+
+    with pytest.raises(type(error)):
+        retries.run(action)
+    assert retries.tries == 1 and sleeps == []
+
+
+def test_rate_limit_is_tried_again_after_retry_after() -> None:
+    """A 429 is worth waiting for: the next try comes after its Retry-After (capped at 10 s)."""
+    sleeps: list[float] = []
+    retries = Retries(sleep=sleeps.append)
+    answers = iter([SignerRefused(429, "rate-limited", "slow down", retry_after=7.0), None])
+
+    def action() -> str:
+        error = next(answers)
+        if error is not None:
+            raise error
+        return "issued"
+
+    assert retries.run(action) == "issued"
+    assert retries.tries == 2 and sleeps == [7.0]
 
 
 def test_identity_key_never_leaves_the_node(make_config: Callable[..., Config]) -> None:

@@ -458,3 +458,45 @@ def test_init_keys_are_private_from_the_start(signer_config: Path) -> None:
         path = signer_config.parent / name
         assert mode(path) == 0o600, name
         serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "status"),
+    [
+        pytest.param(("token", "list", "--json"), "config-error", 2, id="token-list-config"),
+        pytest.param(("audit", "--json"), "config-error", 2, id="audit-config"),
+        pytest.param(
+            ("token", "create", "--node", "Not_A_Node", "--json"), "usage-error", 2, id="bad-node"
+        ),
+    ],
+)
+def test_json_commands_print_one_json_object_on_failure(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: tuple[str, ...],
+    code: str,
+    status: int,
+) -> None:
+    """Every --json command prints one JSON object on stdout even when it fails, beside the
+    one-line error on stderr."""
+    config = tmp_path / "missing.toml"
+    if code != "config-error":
+        config = init_signer_dir(tmp_path / "signer")
+    got, out, err = run(capsys, *argv, "--config", config)
+    assert got == status
+    assert json.loads(out)["error"]["code"] == code
+    assert_one_line_error(err)
+
+
+def test_json_command_with_the_database_away(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A state database that cannot be opened: exit 1, {"error": {"code": "unavailable"}}."""
+    config = init_signer_dir(tmp_path / "signer")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    text = re.sub(r'(?m)^state = "[^"]*"', f'state = "{blocker}/state.db"', config.read_text())
+    config.write_text(text)
+    status, out, err = run(capsys, "audit", "--json", "--config", config)
+    assert status == 1 and json.loads(out)["error"]["code"] == "unavailable"
+    assert_one_line_error(err, "state database")

@@ -1,8 +1,12 @@
 """The agent's side of the signer API: mutual TLS over http.client + ssl (SPEC "HTTP API").
 
 Transport failures and 5xx become ``SignerUnreachable`` (retried with backoff); a
-refusal with a SPEC error code becomes ``SignerRefused``.  Nothing here looks at
-certificates: the caller verifies every answer before it touches a file.
+refusal with a SPEC error code becomes ``SignerRefused``.  What waiting cannot change
+becomes ``SignerMisconfigured`` and is never retried: no URL, a trust anchor or client
+identity that does not load, a signer certificate that does not verify against
+``[signer] ca``, or a TLS alert by which the signer rejects the client certificate.
+Nothing here looks at certificates: the caller verifies every answer before it
+touches a file.
 
 The standard library rather than requests: importing requests costs the idle agent
 6.4 MiB (urllib3, charset_normalizer, idna), http.client and ssl 1.8 MiB.  Nothing from
@@ -23,7 +27,7 @@ from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from .. import __version__
-from ..errors import SignerRefused, SignerUnreachable
+from ..errors import SignerMisconfigured, SignerRefused, SignerUnreachable
 
 ClientCert = tuple[str, str]  # (certificate path, key path)
 
@@ -35,6 +39,20 @@ _DEAD_CONNECTION = (
     BrokenPipeError,
     ConnectionResetError,
     ssl.SSLEOFError,
+)
+
+# TLS alerts by which the signer says it will not accept the client certificate: a
+# certificate from another CA, expired, revoked, or none where one is required.
+_REJECTED_CLIENT = frozenset(
+    {
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    }
 )
 
 _Stamp = tuple[tuple[int, int, int] | None, ...]
@@ -129,7 +147,16 @@ class HttpSignerClient:
             status, retry_after, answer = _exchange(
                 connection, method, prefix + path, payload, headers
             )
+        except ssl.SSLCertVerificationError as exc:
+            raise SignerMisconfigured(
+                f"{where}: the signer's certificate does not verify against [signer] ca {self.ca}: {exc.verify_message}"
+            ) from exc
         except ssl.SSLError as exc:
+            if exc.reason in _REJECTED_CLIENT:
+                who = identity[0] if identity else "(none presented)"
+                raise SignerMisconfigured(
+                    f"{where}: the signer rejected the client certificate {who} in the TLS handshake ({exc.reason}); enroll again: kubecertd enroll --token TOKEN"
+                ) from exc
             raise SignerUnreachable(f"{where}: TLS failed: {_reason(exc)}") from exc
         except TimeoutError as exc:
             raise SignerUnreachable(f"{where}: timed out after {self.timeout:g} s") from exc
@@ -145,14 +172,14 @@ class HttpSignerClient:
     def _target(self) -> tuple[str, int | None, str]:
         """Host, port and path prefix of ``url``: https://host[:port][/prefix]."""
         if not self.url:
-            raise SignerUnreachable("no signer configured ([signer] url is empty)")
+            raise SignerMisconfigured("no signer configured: [signer] url is empty")
         parts = urlsplit(self.url)
         try:
             host, port = parts.hostname, parts.port
         except ValueError:  # a port that is not a number or out of range
             host = port = None
         if parts.scheme != "https" or not host:
-            raise SignerUnreachable(f"{self.url}: not an https://host[:port] URL")
+            raise SignerMisconfigured(f"[signer] url {self.url}: not an https://host[:port] URL")
         return host, port, parts.path.rstrip("/")
 
     def _context(self, where: str, identity: ClientCert | None) -> ssl.SSLContext:
@@ -165,8 +192,8 @@ class HttpSignerClient:
         try:
             context = ssl.create_default_context(cafile=self.ca)
         except OSError as exc:  # ssl.SSLError too: no certificate in the file
-            raise SignerUnreachable(
-                f"{where}: cannot load the signer CA {self.ca}: {_reason(exc)}"
+            raise SignerMisconfigured(
+                f"{where}: cannot load the signer CA {self.ca} ([signer] ca): {_reason(exc)}"
             ) from exc
         if identity is not None:
             try:
@@ -174,7 +201,7 @@ class HttpSignerClient:
                 # does not prompt on a terminal for one.
                 context.load_cert_chain(*identity, password=b"")
             except OSError as exc:
-                raise SignerUnreachable(
+                raise SignerMisconfigured(
                     f"{where}: cannot load the client identity {_culprit(*identity)}: {_reason(exc)}"
                 ) from exc
         self._contexts[identity] = (stamp, context)

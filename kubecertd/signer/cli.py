@@ -98,20 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
         handler = HANDLERS[args.command]
         return handler(args)
     except KubecertdError as exc:
-        print(f"kubecertd-signer: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(argv, exc.code, str(exc), exc.exit_code)
     except StoreError as exc:
-        print(f"kubecertd-signer: error: state database: {exc}", file=sys.stderr)
-        return 1
+        return _fail(argv, "unavailable", f"state database: {exc}", 1)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(argv: Sequence[str], code: str, message: str, status: int) -> int:
+    """One error line on stderr; under ``--json`` also ``{"error": {"code", "message"}}`` on
+    stdout, so that a script reading stdout always gets one JSON document."""
+    print(f"kubecertd-signer: error: {message}", file=sys.stderr)
+    if "--json" in argv:
+        print(json.dumps({"error": {"code": code, "message": message}}, indent=2))
+    return status
 
 
 def _config(args: argparse.Namespace) -> SignerConfig:
