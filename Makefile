@@ -5,9 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Build: libsystemd-dev + pkg-config + gcc for systemd-python. Tests: openssl and curl
 # as independent TLS peers, systemd/dbus/iproute2/util-linux for the namespaced node,
-# postgresql for the signer's shared store, strace to kill an install at exact syscalls.
+# postgresql for the signer's shared store, strace to kill an install at exact syscalls,
+# prometheus for promtool, which checks and unit-tests the shipped alert rules.
 DEBIAN_PACKAGES := libsystemd-dev pkg-config gcc openssl curl systemd dbus iproute2 util-linux \
-	postgresql strace
+	postgresql strace prometheus
 
 .PHONY: all venv deps test lint typecheck unit demo demo-check bench deb package-test clean
 
