@@ -273,13 +273,20 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     process.wait(timeout=STOP_TIMEOUT)
 
 
-def _launch(config: Path, workers: int, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``serve`` on a free port, retrying when another process takes the port first."""
+def _launch(
+    config: Path, workers: int, log: Path, nofile: int | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``serve`` on a free port, retrying when another process takes the port first.
+
+    ``nofile`` sets the server's RLIMIT_NOFILE, soft and hard (``prlimit``, which execs
+    it: the process is still the server's).
+    """
+    limit = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile is not None else []
     for _attempt in range(5):
         port = free_port()
         with log.open("ab") as out:
             process = subprocess.Popen(
-                [str(SIGNER_BIN), "serve", "--config", str(config),
+                [*limit, str(SIGNER_BIN), "serve", "--config", str(config),
                  "--listen", f"127.0.0.1:{port}", "--workers", str(workers)],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -324,12 +331,14 @@ def running_signer(
     workers: int = 1,
     policy: Mapping[str, object] | None = None,
     init_args: tuple[str, ...] = (),
+    nofile: int | None = None,
 ) -> Iterator[Signer]:
     """Init ``directory`` (unless it holds a signer.toml), serve it, stop it on exit.
 
     ``policy`` rewrites ``[policy]`` settings first, e.g.
-    ``{"max_issuances_per_node_per_hour": 2}``.  On exit the server gets SIGTERM and
-    must exit 0; anything else fails the test that owns the signer.
+    ``{"max_issuances_per_node_per_hour": 2}``; ``nofile`` is the server's file limit.
+    On exit the server gets SIGTERM and must exit 0; anything else fails the test that
+    owns the signer.
     """
     config = directory / "signer.toml"
     if not config.exists():
@@ -337,7 +346,7 @@ def running_signer(
     if policy:
         set_policy(config, **policy)
     log = directory / "serve.log"
-    process, port = _launch(config, workers, log)
+    process, port = _launch(config, workers, log, nofile)
     signer = Signer(directory, config, port, workers, process, log)
     try:
         yield signer

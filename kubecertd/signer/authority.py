@@ -251,4 +251,10 @@ cert_lifetime = "30d"                   # kubelet certificates
 identity_lifetime = "365d"              # node identity certificates
 token_ttl = "1h"                        # default for `token create`
 max_issuances_per_node_per_hour = 10    # /v1/sign, across all replicas
+
+[limits]              # each worker process (docs/SPEC.md "Connections")
+max_connections = 512                   # also kept below the worker's file limit
+max_connections_per_address = 32        # an IPv6 client counts by its /64
+handshake_timeout = "10s"               # from accept to a finished TLS handshake
+header_timeout = "10s"                  # then to the end of the first request's headers
 """

@@ -33,6 +33,20 @@ class Policy(NamedTuple):
     max_issuances_per_node_per_hour: PositiveCount = 10
 
 
+class Limits(NamedTuple):
+    """What one worker process spends on connections (``kubecertd.signer.listener``).
+
+    Each worker enforces these on its own, like its file limit: the whole signer holds
+    up to ``workers`` times as many.  A worker also never holds more connections than
+    its RLIMIT_NOFILE leaves room for, whatever ``max_connections`` says.
+    """
+
+    max_connections: PositiveCount = 512
+    max_connections_per_address: PositiveCount = 32
+    handshake_timeout: PositiveDuration = 10.0
+    header_timeout: PositiveDuration = 10.0
+
+
 def _pair(name: str) -> Pair:
     return Pair(cert=f"{DEFAULT_DIR}/{name}.pem", key=f"{DEFAULT_DIR}/{name}-key.pem")
 
@@ -70,6 +84,7 @@ class SignerConfig(NamedTuple):
     identity_ca: Pair = _pair("identity-ca")
     tls: Pair = _pair("signer")
     policy: Policy = Policy()
+    limits: Limits = Limits()
     source: str = "(defaults)"  # the file it came from, for messages
 
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -38,6 +38,26 @@ LATENCY = Histogram(
     "Time to answer a request, by path",
     ["path"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=_REGISTRY,
+)
+
+# Connections (kubecertd.signer.listener): what the [limits] caps and timeouts did.
+CONNECTIONS_OPEN = Gauge(
+    "kubecertd_signer_connections_open",
+    "Connections accepted and not yet closed, TLS handshakes included",
+    registry=_REGISTRY,
+    multiprocess_mode="livesum",
+)
+CONNECTIONS_REFUSED = Counter(
+    "kubecertd_signer_connections_refused_total",
+    "Connections closed at once when accepted, before TLS, by the [limits] cap reached",
+    ["reason"],
+    registry=_REGISTRY,
+)
+CONNECTIONS_TIMED_OUT = Counter(
+    "kubecertd_signer_connections_timed_out_total",
+    "Connections closed for sending too little in time, by phase (handshake, header)",
+    ["phase"],
     registry=_REGISTRY,
 )
 

@@ -3,7 +3,9 @@
 The parent binds the listening socket once and forks ``workers`` children that all
 accept on it (the kernel spreads connections), so every core does TLS handshakes and
 signatures.  The parent tells systemd READY=1 once every child is serving, forwards
-SIGTERM, and exits non-zero if a child dies on its own (``Restart=on-failure``).
+SIGTERM, and exits non-zero if a child dies on its own (``Restart=on-failure``).  Each
+worker accepts through ``listener.Listener``: ``[limits]`` caps its connections below
+its file limit and closes the ones that send too little in time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from ..edges.sdnotify import notify
 from ..errors import ConfigError, KubecertdError
@@ -27,8 +30,7 @@ from .authority import Authority, load_authority
 from .config import SignerConfig, split_listen
 
 READY_TIMEOUT = 30.0
-HANDSHAKE_TIMEOUT = 10.0
-KEEPALIVE_TIMEOUT = 15.0
+KEEPALIVE_TIMEOUT = 15.0  # between requests on one connection (agents open one per request)
 
 
 @dataclass(frozen=True)
@@ -174,18 +176,26 @@ async def _worker(
 ) -> int:
     from aiohttp import web  # noqa: PLC0415
 
+    from . import listener  # noqa: PLC0415 - imports the metrics
     from .app import create_app  # noqa: PLC0415 - after PROMETHEUS_MULTIPROC_DIR is set
     from .store import open_store  # noqa: PLC0415
 
+    loop = asyncio.get_running_loop()
+    log = listener.ThrottledLog()
+    loop.set_exception_handler(listener.exception_handler(log))
+    caps = listener.connection_caps(config.limits, listener.soft_nofile())
+    if caps.connections < config.limits.max_connections:
+        note = listener.max_connections_note(config.limits, caps)
+        print(f"kubecertd-signer: worker {os.getpid()}: {note}", file=sys.stderr)
     app = create_app(authority, open_store(config.state, config.database_url), config.policy)
     runner = web.AppRunner(
         app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT, handle_signals=False
     )
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=context, backlog=4096)
-    await site.start()
+    server = cast(web.Server, runner.server)  # set by setup(); a protocol factory
+    accepting = listener.Listener(sock, server, context, config.limits, caps, log)
+    accepting.start()
     stopped = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
     if ready_fd is None:
@@ -196,5 +206,6 @@ async def _worker(
     await stopped.wait()
     if ready_fd is None:
         notify("STOPPING=1")
+    await accepting.close()
     await runner.cleanup()
     return 0
