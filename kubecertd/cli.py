@@ -18,7 +18,9 @@ from . import __version__
 from .config import Config, read_config
 from .diagnose import CheckPolicy, Diagnosis, diagnose
 from .errors import KubecertdError, UsageError
-from .material import read_material
+from .layout import Layout
+from .locate import locate
+from .material import read_layout
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -119,31 +121,32 @@ def load(args: argparse.Namespace) -> Config:
     return read_config(getattr(args, "config", None))
 
 
-def check_files(config: Config, now: dt.datetime | None = None) -> Diagnosis:
-    """Read the three files and diagnose them (never changes anything on disk)."""
-    material = read_material(config.ca_path, config.cert_path, config.key_path)
+def check_files(config: Config, layout: Layout, now: dt.datetime | None = None) -> Diagnosis:
+    """Read the credentials where ``layout`` keeps them and diagnose them (never changes
+    anything on disk)."""
+    material = read_layout(layout)
     when = now or dt.datetime.now(dt.timezone.utc)
     return diagnose(material, config.node_name, when, CheckPolicy.from_config(config, os.geteuid()))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """The report always reaches stdout, also when ``--fix`` failed (then exit 1 or 2)."""
-    config = load(args)
+    config, layout = locate(load(args))
     report = None
     if getattr(args, "fix", False):
         from .oneshot import fix  # noqa: PLC0415 - the healing stack is not for plain --check
 
-        diagnosis, report = fix(config, restart=not getattr(args, "no_restart", False))
+        diagnosis, report = fix(config, layout, restart=not getattr(args, "no_restart", False))
     else:
-        diagnosis = check_files(config)
+        diagnosis = check_files(config, layout)
     if getattr(args, "json", False):
         from .report import render_json  # noqa: PLC0415
 
-        print(render_json(diagnosis, report))
+        print(render_json(diagnosis, layout, report))
     else:
         from .report import render_text  # noqa: PLC0415
 
-        print(render_text(diagnosis, report))
+        print(render_text(diagnosis, layout, report))
     if report is not None and report.error is not None:
         print(f"kubecertd: error: {report.error}", file=sys.stderr)
         return report.error.exit_code

@@ -117,6 +117,16 @@ def node_name(value: Any) -> str:
     return text
 
 
+LAYOUTS = ("auto", "files", "kubeconfig", "kubeadm", "k3s", "rke2")
+
+
+def layout_name(value: Any) -> str:
+    text = string(value)
+    if text not in LAYOUTS:
+        raise ValueError(f"{text!r} is not one of {', '.join(LAYOUTS)}")
+    return text
+
+
 def url(value: Any) -> str:
     """``https://host[:port][/prefix]``, or "" for none."""
     text = string(value)
@@ -166,6 +176,7 @@ PositiveCount = Annotated[int, positive_count]
 KeyType = Annotated[str, key_type]
 NodeName = Annotated[str, node_name]
 Url = Annotated[str, url]
+LayoutName = Annotated[str, layout_name]
 
 
 def build(
@@ -284,6 +295,8 @@ class Metrics(NamedTuple):
 
 class Config(NamedTuple):
     node_name: NodeName = ""
+    layout: LayoutName = ""  # "" until loaded: "files" when ssl_dir or [files] is set, else "auto"
+    kubeconfig: String = ""  # kubelet's kubeconfig; "" = found from its unit
     ssl_dir: NonEmpty = "/etc/kubernetes/ssl"
     files: Files = Files()
     policy: Policy = Policy()
@@ -292,6 +305,7 @@ class Config(NamedTuple):
     daemon: Daemon = Daemon()
     metrics: Metrics = Metrics()
     source: str = "(defaults)"  # the file it came from, for messages
+    given: frozenset[str] = frozenset()  # the settings the file sets (dotted), e.g. "kubelet.unit"
 
     def _in_ssl_dir(self, name: str) -> str:
         return os.path.join(self.ssl_dir, name)  # an absolute name stays as it is
@@ -311,13 +325,27 @@ class Config(NamedTuple):
 
 def load_config(text: str | None, where: str, hostname: str) -> Config:
     """Pure: TOML text (None = all defaults) and the host name in, a ``Config`` out."""
-    config = build(Config, parse_toml(text, where) if text is not None else {}, where)
+    table = parse_toml(text, where) if text is not None else {}
+    config = build(Config, table, where)
+    given = frozenset(_dotted(table))
     name = config.node_name or default_node_name(hostname)
     if not is_dns_subdomain(name):
         raise ConfigError(
             f"{where}: node_name: the hostname {hostname!r} is not a valid node name; set node_name"
         )
-    return config._replace(node_name=name, source=where)
+    # A config that names today's files keeps them (upgrades); otherwise find kubelet's.
+    layout = config.layout or ("files" if given & {"ssl_dir", "files"} else "auto")
+    return config._replace(node_name=name, source=where, given=given, layout=layout)
+
+
+def _dotted(table: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every key a TOML table sets, sections included: ``files``, ``files.ca``, ..."""
+    keys = []
+    for name, value in table.items():
+        keys.append(prefix + name)
+        if isinstance(value, dict):
+            keys += _dotted(value, f"{prefix}{name}.")
+    return keys
 
 
 def default_node_name(hostname: str) -> str:

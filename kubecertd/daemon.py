@@ -39,7 +39,8 @@ from .errors import (
     VerificationError,
 )
 from .heal import Healer, healing_reason, identity_due, obtain_identity, utcnow
-from .material import Material, read_material
+from .layout import Layout, describe_layout
+from .material import Material, read_layout
 
 LOCK_FILE = "kubecertd.lock"
 
@@ -90,6 +91,7 @@ class Daemon:
     def __init__(
         self,
         config: Config,
+        layout: Layout,
         client: SignerClient,
         units: UnitManager | None,
         clock: Callable[[], dt.datetime] = utcnow,
@@ -97,6 +99,7 @@ class Daemon:
         random: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
+        self.layout = layout
         self.client = client
         self.units = units
         self.clock = clock
@@ -120,7 +123,7 @@ class Daemon:
                 journal.send(
                     "installed", f"start-up: {done}", journal.NOTICE, node=config.node_name
                 )
-            watcher = Watcher([config.ssl_dir, *self._directories()])
+            watcher = Watcher(self.layout.directories())
             wakeup = self._install_signals()
             self.cycle("start")  # sends READY=1 as soon as the first diagnosis is taken
             interval = watchdog_interval()
@@ -159,10 +162,7 @@ class Daemon:
         return read_end
 
     def _directories(self) -> list[str]:
-        config = self.config
-        return sorted(
-            {os.path.dirname(p) for p in (config.ca_path, config.cert_path, config.key_path)}
-        )
+        return self.layout.directories()
 
     def _on_changes(self, watcher: Watcher) -> None:
         changes = watcher.read()
@@ -187,7 +187,7 @@ class Daemon:
 
     def diagnose_now(self) -> tuple[Material, Diagnosis]:
         config = self.config
-        material = read_material(config.ca_path, config.cert_path, config.key_path)
+        material = read_layout(self.layout)
         policy = CheckPolicy.from_config(config, os.geteuid())
         return material, diagnose(material, config.node_name, self.clock(), policy)
 
@@ -211,7 +211,9 @@ class Daemon:
 
     def _heal(self, diagnosis: Diagnosis, material: Material, reason: str) -> Diagnosis:
         notify(f"STATUS=renewing: {reason}")
-        healer = Healer(self.config, self.client, self.units, self.clock, tick=self._tick)
+        healer = Healer(
+            self.config, self.layout, self.client, self.units, self.clock, tick=self._tick
+        )
         try:
             outcome = healer.heal(diagnosis, material, reason)
         except (SignerError, VerificationError, InstallError) as exc:
@@ -333,7 +335,7 @@ def _status_of(exc: SignerError) -> str:
     return f"cannot reach the signer as configured ({exc.code})"
 
 
-def _is_as_written(material: Material, written: tuple[tuple[str, bytes], ...]) -> bool:
+def _is_as_written(material: Material, written: tuple[tuple[str, bytes | None], ...]) -> bool:
     on_disk = {s.path: s.data for s in (material.ca, material.cert, material.key)}
     return all(on_disk.get(path) == data for path, data in written)
 
@@ -348,7 +350,14 @@ def _cert_fields(diagnosis: Diagnosis) -> dict[str, str]:
 def run_daemon(config: Config) -> int:
     from .edges.client import HttpSignerClient  # noqa: PLC0415
     from .edges.units import DbusUnitManager  # noqa: PLC0415
+    from .locate import locate  # noqa: PLC0415
 
+    config, layout = locate(config)
+    journal.send(
+        "check",
+        f"credentials: layout {layout.name} ({layout.shape}), {describe_layout(layout)}; found from {'; '.join(layout.found_from)}",
+        node=config.node_name,
+    )
     client = HttpSignerClient(config.signer.url, config.signer.ca, config.signer.timeout)
     units = DbusUnitManager() if config.kubelet.restart else None
-    return Daemon(config, client, units).run()
+    return Daemon(config, layout, client, units).run()

@@ -64,6 +64,14 @@ CODES: dict[str, tuple[str, str]] = {
         "certificate and key are from different pairs; run kubecertd --check --fix",
     ),
     "key-permissions": (WARNING, "chmod 0600 the key and chown it to root"),
+    "cert-not-symlink": (
+        ERROR,
+        "kubelet's rotation fails on a regular file here; kubecertd --check --fix writes a timestamped file and the symlink",
+    ),
+    "kubeconfig-invalid": (
+        ERROR,
+        "kubelet cannot start with this kubeconfig; fix the key named (kubecertd never rewrites a kubeconfig it cannot read)",
+    ),
     "key-weak": (
         WARNING,
         "kubecertd replaces it with a [policy] key_type key at the next renewal; remove worker-key.pem to have it replaced now",
@@ -154,6 +162,8 @@ def diagnose(material: Material, node: str, now: dt.datetime, policy: CheckPolic
     ca_certs, ca_report = _judge_ca(material.ca, now, findings)
     cert, cert_report = _judge_cert(material.cert, ca_certs, node, now, policy, findings)
     _key, key_report = _judge_key(material.key, cert, policy, findings)
+    for path, message in material.problems:  # what made the layout unreadable
+        findings.append(finding("kubeconfig-invalid", path, message))
     return Diagnosis(
         node=node,
         now=now,
@@ -244,6 +254,14 @@ def _judge_cert(
     policy: CheckPolicy,
     out: list[Finding],
 ) -> tuple[x509.Certificate | None, FileReport]:
+    if state.not_symlink:
+        out.append(
+            finding(
+                "cert-not-symlink",
+                state.path,
+                f"{state.path} is a regular file where kubelet's certificate store keeps a symlink",
+            )
+        )
     certs = _parse_certs(state, "cert", "certificate", out)
     if not certs:
         return None, FileReport("Certificate", state.path)

@@ -23,10 +23,11 @@ from .config import Config
 from .diagnose import ERROR, CheckPolicy, Diagnosis, diagnose
 from .edges import journal
 from .edges.client import ClientCert, SignerClient
-from .edges.install import Target, install, replace_file
+from .edges.install import Target, install, prune_store, replace_file
 from .edges.units import UnitManager
 from .errors import InstallError, NoIdentity, UnitError, VerificationError
-from .material import FileState, Material, read_file
+from .layout import Credentials, Layout, plan_install
+from .material import FileState, Material, read_file, read_kubeconfig_text, read_layout
 
 Clock = Callable[[], dt.datetime]
 CA_CODES = frozenset({"ca-missing", "ca-unreadable", "ca-invalid", "ca-not-ca", "ca-expired"})
@@ -57,19 +58,21 @@ class Outcome(NamedTuple):
     installed: tuple[str, ...]
     restarted: bool | None  # None: no restart was asked for or allowed
     rolled_back: bool = False
-    written: tuple[tuple[str, bytes], ...] = ()  # what is on disk now by our hand
+    written: tuple[tuple[str, bytes | None], ...] = ()  # the credentials as read after our install
 
 
 class Healer:
     def __init__(
         self,
         config: Config,
+        layout: Layout,
         client: SignerClient,
         units: UnitManager | None,  # None: install without restarting anything
         clock: Clock = utcnow,
         tick: Callable[[], None] = lambda: None,  # called while waiting (watchdog pings)
     ) -> None:
         self.config = config
+        self.layout = layout
         self.client = client
         self.units = units
         self.clock = clock
@@ -95,13 +98,8 @@ class Healer:
             issued = self.client.sign(csr, reason, identity)  # step 3
         cert_pem = issued.certificate
         cert = self._verify(ca_pem, cert_pem, key)  # step 4: nothing written before this passes
-        targets = [
-            Target(config.cert_path, cert_pem, 0o644),
-            Target(config.key_path, pki.private_key_pem(key), 0o600),
-        ]
-        if ca_changed:
-            targets.insert(0, Target(config.ca_path, ca_pem, 0o644))
-        self._install(targets)  # step 5
+        new = Credentials(ca_pem if ca_changed else None, cert_pem, pki.private_key_pem(key))
+        targets = self._install(new)  # step 5, in the layout's own shape
         serial, not_after = pki.serial_hex(cert), cert.not_valid_after_utc
         journal.send(
             "installed",
@@ -113,7 +111,7 @@ class Healer:
             f"kubelet certificate of {node} renewed ({reason}): serial {serial}, valid until {pki.iso(not_after)}",
             journal.NOTICE, node=node, serial=serial, not_after=pki.iso(not_after), finding=reason,
         )  # fmt: skip
-        written = tuple((t.path, t.data) for t in targets)
+        written = self._as_read()
         outcome = Outcome(serial, not_after, tuple(t.path for t in targets), None, written=written)
         if self.units is None or not config.kubelet.restart:
             return outcome
@@ -134,8 +132,8 @@ class Healer:
             signer.identity_cert, signer.identity_key, self.config.node_name, self.clock()
         ):
             return signer.identity_cert, signer.identity_key
-        if diagnosis.healthy:
-            return self.config.cert_path, self.config.key_path
+        if diagnosis.healthy and not (self.layout.cert.embedded or self.layout.key.embedded):
+            return self.layout.cert.path, self.layout.key.path
         raise NoIdentity(
             f"no usable node identity at {signer.identity_cert} and the kubelet certificate is not healthy; "
             "enroll this node first: kubecertd enroll --token TOKEN"
@@ -163,15 +161,26 @@ class Healer:
             raise VerificationError(f"the signer's certificate was refused: {reasons}")
         return verdict.cert
 
-    def _install(self, targets: list[Target]) -> None:
-        config = self.config
-        install(
-            targets,
-            config.daemon.state_dir,
-            os.path.join(config.ssl_dir, ".kubecertd-backup"),
-            config.daemon.backups,
-            self.clock(),
-        )
+    def _as_read(self) -> tuple[tuple[str, bytes | None], ...]:
+        """The credentials as the next diagnosis reads them, to recognise our own writes."""
+        material = read_layout(self.layout)
+        return tuple((s.path, s.data) for s in (material.ca, material.cert, material.key))
+
+    def _install(self, new: Credentials) -> list[Target]:
+        """Put ``new`` in place as one crash-safe install; the files written."""
+        config, layout, now = self.config, self.layout, self.clock()
+        text = None
+        if layout.kubeconfig and any(p.embedded for p in (layout.ca, layout.cert, layout.key)):
+            text = read_kubeconfig_text(layout.kubeconfig)
+        try:
+            targets = plan_install(layout, new, now, text)
+        except ValueError as exc:  # KubeconfigError: the kubeconfig cannot be rewritten
+            raise InstallError(f"nothing written: {exc}") from exc
+        backups = layout.backup_root()
+        install(targets, config.daemon.state_dir, backups, config.daemon.backups, now)
+        if layout.store is not None:
+            prune_store(layout.store, config.daemon.backups)
+        return targets
 
     def restart_kubelet(self, units: UnitManager) -> bool | None:
         """Restart kubelet within the hourly budget; True if it stayed up for ``settle``."""
@@ -230,22 +239,18 @@ class Healer:
 
     def _rollback(
         self, units: UnitManager, material: Material, serial: str
-    ) -> tuple[tuple[str, bytes], ...]:
+    ) -> tuple[tuple[str, bytes | None], ...]:
         """Put the previous (healthy) pair back and restart kubelet once more."""
         node = self.config.node_name
-        targets = [
-            Target(state.path, state.data, 0o600 if state.path == self.config.key_path else 0o644)
-            for state in (material.ca, material.cert, material.key)
-            if state.data is not None
-        ]
-        self._install(targets)
+        old = Credentials(material.ca.data, material.cert.data or b"", material.key.data or b"")
+        self._install(old)
         journal.send(
             "rollback",
             f"kubelet did not come back with certificate {serial}; the previous pair is back in place",
             journal.ERR, node=node, serial=serial,
         )  # fmt: skip
         self.restart_kubelet(units)
-        return tuple((t.path, t.data) for t in targets)
+        return self._as_read()
 
 
 def _needs_ca(diagnosis: Diagnosis, material: Material, signer_ca: bytes) -> bool:

@@ -35,6 +35,7 @@ from .errors import (
     SignerUnreachable,
 )
 from .heal import Healer, Outcome, healing_reason, obtain_identity, utcnow
+from .layout import Layout
 
 T = TypeVar("T")
 ATTEMPTS = 3
@@ -100,7 +101,7 @@ class FixReport(NamedTuple):
             "reason": self.reason,
             "tries": self.tries,
             # What is on disk now by our hand: nothing unless a heal went through.
-            "written": [path for path, _ in outcome.written] if outcome else [],
+            "written": list(outcome.installed) if outcome else [],
             "restarted": outcome.restarted if outcome else None,
             "serial": outcome.serial if outcome else None,
             "error": error_dict(self.error) if self.error else None,
@@ -125,6 +126,7 @@ def require_signer(config: Config) -> None:
 
 def fix(
     config: Config,
+    layout: Layout,
     restart: bool,
     client: SignerClient | None = None,
     units: UnitManager | None = None,
@@ -140,12 +142,12 @@ def fix(
         held = LockHeld(
             f"{exc}; it heals this node itself (journalctl -u kubecertd), or stop it first"
         )
-        daemon = Daemon(config, client or client_for(config), None)
+        daemon = Daemon(config, layout, client or client_for(config), None)
         return daemon.diagnose_now()[1], FixReport(reason=None, error=held)
     try:
-        recover(config.daemon.state_dir, [config.ssl_dir])
+        recover(config.daemon.state_dir, layout.directories())
         unit_manager = (units or DbusUnitManager()) if restart and config.kubelet.restart else None
-        daemon = Daemon(config, client or client_for(config), unit_manager)
+        daemon = Daemon(config, layout, client or client_for(config), unit_manager)
         report = _heal_once(config, daemon, unit_manager)
         return daemon.diagnose_now()[1], report
     finally:
@@ -160,7 +162,7 @@ def _heal_once(config: Config, daemon: Daemon, units: UnitManager | None) -> Fix
     retries = Retries()
     try:
         require_signer(config)
-        healer = Healer(config, daemon.client, units)
+        healer = Healer(config, daemon.layout, daemon.client, units)
         outcome = retries.run(lambda: healer.heal(diagnosis, material, reason))
     except KubecertdError as exc:
         # The daemon's event kinds: signer-error for the signer's side, else renew-failed.

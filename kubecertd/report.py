@@ -8,14 +8,16 @@ from .diagnose import ERROR, Diagnosis, Finding
 
 if TYPE_CHECKING:
     from .errors import KubecertdError
+    from .layout import Layout
     from .oneshot import FixReport
 
 _INDENT = " " * 4
 
 
-def render_json(diagnosis: Diagnosis, fix: FixReport | None = None) -> str:
+def render_json(diagnosis: Diagnosis, layout: Layout, fix: FixReport | None = None) -> str:
     """SPEC's ``--check --json`` object; with ``--fix``, its ``fix`` object too."""
     document = diagnosis.to_dict()
+    document["layout"] = layout.to_dict()
     if fix is not None:
         document["fix"] = fix.to_dict()
     return _dumps(document)
@@ -24,6 +26,7 @@ def render_json(diagnosis: Diagnosis, fix: FixReport | None = None) -> str:
 def render_json_error(error: KubecertdError) -> str:
     """The object a ``--json`` run prints when it could not diagnose at all (exit 2)."""
     document: dict[str, Any] = {"node": None, "healthy": None, "findings": [], "certificate": None}
+    document["layout"] = None
     document["error"] = {"code": error.code, "message": str(error)}
     return _dumps(document)
 
@@ -34,11 +37,14 @@ def _dumps(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2)
 
 
-def render_text(diagnosis: Diagnosis, fix: FixReport | None = None) -> str:
+def render_text(diagnosis: Diagnosis, layout: Layout, fix: FixReport | None = None) -> str:
     """One block per file (what it is, its facts, its findings with hints), what ``--fix``
     did, then a verdict."""
     lines = [
         f"kubecertd check of node {diagnosis.node} at {diagnosis.now:%Y-%m-%d %H:%M:%S} UTC",
+        f"layout: {layout.name} ({layout.shape}), kubelet runs in {layout.unit}"
+        + (f", kubeconfig {layout.kubeconfig}" if layout.kubeconfig else ""),
+        f"{_INDENT}found from {'; '.join(layout.found_from)}",
         "",
     ]
     by_path: dict[str, list[Finding]] = {}
@@ -90,7 +96,7 @@ def _fix_line(fix: FixReport) -> str:
     outcome = fix.outcome
     if outcome is None:
         return "fix: nothing to heal"
-    written = ", ".join(path for path, _ in outcome.written)
+    written = ", ".join(outcome.installed)
     restart = {True: "; kubelet restarted", False: "; kubelet did not come back", None: ""}
     if outcome.rolled_back:
         return f"fix: certificate {outcome.serial} rolled back ({fix.reason}); kubelet did not come back with it; restored {written}"

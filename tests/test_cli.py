@@ -71,11 +71,14 @@ def test_seed_case_names_both_nodes(capsys: pytest.CaptureFixture[str], seed_con
 
 
 def test_json_matches_spec_schema(capsys: pytest.CaptureFixture[str], seed_config: Path) -> None:
-    """--json prints exactly SPEC's object: node, healthy, findings, certificate."""
+    """--json prints exactly SPEC's object: node, healthy, findings, certificate, layout."""
     status, out, _ = run(capsys, "--check", "--json", "--config", str(seed_config))
     document = json.loads(out)
     assert status == 1
-    assert set(document) == {"node", "healthy", "findings", "certificate"}
+    assert list(document) == ["node", "healthy", "findings", "certificate", "layout"]
+    layout = document["layout"]
+    assert (layout["name"], layout["shape"], layout["kubeconfig"]) == ("files", "files", None)
+    assert layout["cert"] == {"path": str(seed_config.parent / "ssl" / "worker.pem"), "key": None}
     assert document["node"] == factories.NODE
     assert document["healthy"] is False
     assert [f["code"] for f in document["findings"]] == ["cert-wrong-node"]

@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # SPEC's defaults, copied by hand (node_name is resolved from the hostname separately).
 SPEC_DEFAULTS = {
+    "layout": "auto",
+    "kubeconfig": "",
     "ssl_dir": "/etc/kubernetes/ssl",
     "files": {"ca": "ca.pem", "cert": "worker.pem", "key": "worker-key.pem"},
     "policy": {"key_type": "ecdsa-p256", "renew_fraction": 0.7, "warn_fraction": 0.8},
@@ -45,13 +47,9 @@ SPEC_DEFAULTS = {
 
 # SPEC's example configuration, verbatim.
 SPEC_EXAMPLE = """\
-node_name = ""                   # "" = kubelet's default: the lowercased hostname
-ssl_dir = "/etc/kubernetes/ssl"
-
-[files]                          # relative to ssl_dir, or absolute
-ca = "ca.pem"
-cert = "worker.pem"
-key = "worker-key.pem"
+node_name = ""                   # "" = kubelet's: --hostname-override, else the hostname
+layout = "auto"                  # auto | files | kubeconfig | kubeadm | k3s | rke2
+kubeconfig = ""                  # "" = the --kubeconfig of [kubelet] unit
 
 [policy]
 key_type = "ecdsa-p256"          # ecdsa-p256 | ecdsa-p384 | rsa-2048 | rsa-3072 | rsa-4096
@@ -86,7 +84,7 @@ textfile = ""                    # e.g. "/var/lib/node_exporter/textfile_collect
 def settings_of(cfg: Config) -> dict[str, object]:
     """Every setting of a Config as nested dicts, without node_name and source."""
     values = _as_dicts(cfg)
-    del values["node_name"], values["source"]
+    del values["node_name"], values["source"], values["given"]
     return values
 
 
@@ -123,7 +121,7 @@ def test_empty_file_equals_defaults() -> None:
 
 def test_spec_example_equals_defaults() -> None:
     """SPEC's commented example config loads and equals the defaults."""
-    assert load(SPEC_EXAMPLE) == load(None)
+    assert settings_of(load(SPEC_EXAMPLE)) == settings_of(load(None))
 
 
 def test_default_paths() -> None:
@@ -452,3 +450,28 @@ def test_unreadable_config_file(kind: str, tmp_path: Path) -> None:
         path.write_bytes(b'ssl_dir = "\xff"\n')
     with pytest.raises(ConfigError, match=re.escape(str(path))):
         read_config(str(path), {})
+
+
+# -- layout --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "layout"),
+    [
+        pytest.param(None, "auto", id="no-config"),
+        pytest.param('ssl_dir = "/srv/ssl"', "files", id="ssl_dir-set"),
+        pytest.param('[files]\ncert = "kubelet.pem"', "files", id="files-set"),
+        pytest.param('layout = "kubeadm"\nssl_dir = "/srv/ssl"', "kubeadm", id="layout-wins"),
+        pytest.param('kubeconfig = "/etc/kubernetes/kubelet.conf"', "auto", id="kubeconfig-only"),
+    ],
+)
+def test_layout_is_files_when_a_config_names_files(text: str | None, layout: str) -> None:
+    """Without layout, a config that sets ssl_dir or [files] keeps today's files; else auto."""
+    assert load(text).layout == layout
+
+
+def test_unknown_layout_names_the_setting() -> None:
+    """A layout that is not one of the six is a config error naming layout."""
+    assert config_error('layout = "kops"') == (
+        f"{WHERE}: layout: 'kops' is not one of auto, files, kubeconfig, kubeadm, k3s, rke2"
+    )

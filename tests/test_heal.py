@@ -35,6 +35,7 @@ from kubecertd.errors import (
     VerificationError,
 )
 from kubecertd.heal import Healer, healing_reason, load_restarts
+from kubecertd.locate import configured_files
 from kubecertd.material import Material, read_material
 from kubecertd.oneshot import Retries, with_retries
 from kubecertd.signer import policy
@@ -146,7 +147,7 @@ state_dir = "{tmp_path / "state"}"
 
 def diagnosis_of(config: Config) -> tuple[Material, Diagnosis]:
     material = read_material(config.ca_path, config.cert_path, config.key_path)
-    return material, check_files(config)
+    return material, check_files(config, configured_files(config))
 
 
 def write_pair(
@@ -193,7 +194,9 @@ def test_missing_cert_is_healed_and_kubelet_restarted(make_config: Callable[...,
     os.unlink(config.cert_path)
     material, diagnosis = diagnosis_of(config)
     signer, units = FakeSigner(ca), FakeUnits()
-    outcome = Healer(config, signer, units).heal(diagnosis, material, "cert-missing")
+    outcome = Healer(config, configured_files(config), signer, units).heal(
+        diagnosis, material, "cert-missing"
+    )
     _, after = diagnosis_of(config)
     assert after.healthy and after.findings == ()
     assert outcome.restarted is True and units.restarts == 1
@@ -211,7 +214,9 @@ def test_seed_case_uses_identity_not_the_copied_cert(make_config: Callable[..., 
     material, diagnosis = diagnosis_of(config)
     assert "cert-wrong-node" in diagnosis.codes
     with pytest.raises(SignerError, match="enroll this node first"):
-        Healer(config, FakeSigner(ca), None).heal(diagnosis, material, "cert-wrong-node")
+        Healer(config, configured_files(config), FakeSigner(ca), None).heal(
+            diagnosis, material, "cert-wrong-node"
+        )
 
 
 def test_healthy_kubelet_pair_serves_as_identity(make_config: Callable[..., Config]) -> None:
@@ -220,7 +225,7 @@ def test_healthy_kubelet_pair_serves_as_identity(make_config: Callable[..., Conf
     write_pair(config, ca)
     material, diagnosis = diagnosis_of(config)
     signer = FakeSigner(ca)
-    Healer(config, signer, None).heal(diagnosis, material, "renewal")
+    Healer(config, configured_files(config), signer, None).heal(diagnosis, material, "renewal")
     assert signer.calls[0][1] == (config.cert_path, config.key_path)
 
 
@@ -272,7 +277,7 @@ def test_lying_signer_is_refused_and_files_untouched(
     before = snapshot(config.ssl_dir)
     material, diagnosis = diagnosis_of(config)
     write_identity(config)
-    healer = Healer(config, FakeSigner(CA_FOR_LIES, lie), FakeUnits())
+    healer = Healer(config, configured_files(config), FakeSigner(CA_FOR_LIES, lie), FakeUnits())
     with pytest.raises(VerificationError, match=code):
         healer.heal(diagnosis, material, "key-missing")
     assert snapshot(config.ssl_dir) == before
@@ -285,7 +290,9 @@ def test_rollback_when_kubelet_does_not_come_back(make_config: Callable[..., Con
     before = snapshot(config.ssl_dir)
     material, diagnosis = diagnosis_of(config)
     units = FakeUnits(after_restart="failed")
-    outcome = Healer(config, FakeSigner(ca), units).heal(diagnosis, material, "renewal")
+    outcome = Healer(config, configured_files(config), FakeSigner(ca), units).heal(
+        diagnosis, material, "renewal"
+    )
     assert outcome.rolled_back is True
     assert snapshot(config.ssl_dir) == before
     assert units.restarts == 2  # the failed one and the one with the old pair
@@ -299,7 +306,9 @@ def test_no_rollback_when_old_pair_was_broken(make_config: Callable[..., Config]
     os.unlink(config.cert_path)
     material, diagnosis = diagnosis_of(config)
     units = FakeUnits(after_restart="failed")
-    outcome = Healer(config, FakeSigner(ca), units).heal(diagnosis, material, "cert-missing")
+    outcome = Healer(config, configured_files(config), FakeSigner(ca), units).heal(
+        diagnosis, material, "cert-missing"
+    )
     assert outcome.rolled_back is False and outcome.restarted is False
     assert Path(config.cert_path).exists()
 
@@ -315,7 +324,9 @@ def test_restart_budget_stops_a_loop(make_config: Callable[..., Config]) -> None
         os.unlink(config.cert_path)
         material, diagnosis = diagnosis_of(config)
         outcomes.append(
-            Healer(config, FakeSigner(ca), units).heal(diagnosis, material, "cert-missing")
+            Healer(config, configured_files(config), FakeSigner(ca), units).heal(
+                diagnosis, material, "cert-missing"
+            )
         )
     assert [o.restarted for o in outcomes] == [True, True, None]
     assert units.restarts == 2
@@ -330,7 +341,9 @@ def test_restart_false_touches_no_unit(make_config: Callable[..., Config]) -> No
     os.unlink(config.cert_path)
     material, diagnosis = diagnosis_of(config)
     units = FakeUnits()
-    outcome = Healer(config, FakeSigner(ca), units).heal(diagnosis, material, "cert-missing")
+    outcome = Healer(config, configured_files(config), FakeSigner(ca), units).heal(
+        diagnosis, material, "cert-missing"
+    )
     assert outcome.restarted is None and units.restarts == 0
 
 
@@ -341,7 +354,9 @@ def test_missing_ca_is_installed_from_the_signer(make_config: Callable[..., Conf
     os.unlink(config.ca_path)
     material, diagnosis = diagnosis_of(config)
     write_identity(config)
-    outcome = Healer(config, FakeSigner(ca), None).heal(diagnosis, material, "ca-missing")
+    outcome = Healer(config, configured_files(config), FakeSigner(ca), None).heal(
+        diagnosis, material, "ca-missing"
+    )
     assert config.ca_path in outcome.installed
     assert Path(config.ca_path).read_bytes() == ca.pem
 
@@ -428,7 +443,9 @@ def test_identity_key_never_leaves_the_node(make_config: Callable[..., Config]) 
             seen.append(csr_pem)
             return super().sign(csr_pem, reason, identity)
 
-    Healer(config, Recording(ca), None).heal(diagnosis, material, "renewal")
+    Healer(config, configured_files(config), Recording(ca), None).heal(
+        diagnosis, material, "renewal"
+    )
     assert b"PRIVATE KEY" not in seen[0]
     installed_key = serialization.load_pem_private_key(Path(config.key_path).read_bytes(), None)
     assert pki.same_public_key(

@@ -43,8 +43,9 @@ def _no_checkpoint(_step: str) -> None:
 
 class Target(NamedTuple):
     path: str
-    data: bytes
+    data: bytes  # for a symlink: its target
     mode: int  # 0o600 for keys, 0o644 for certificates
+    link: bool = False  # a symlink (kubelet's store), replaced by a rename like a file
 
 
 def temp_path(path: str) -> str:
@@ -76,7 +77,10 @@ def install(
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         for target in targets:
-            write_file(temp_path(target.path), target.data, target.mode)
+            if target.link:
+                write_link(temp_path(target.path), os.fsdecode(target.data))
+            else:
+                write_file(temp_path(target.path), target.data, target.mode)
             checkpoint(f"written {target.path}")
         keep = backup_root is not None and keep_backups > 0
         backup = (
@@ -136,6 +140,15 @@ def write_file(path: str, data: bytes, mode: int, durable: bool = True) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_link(path: str, target: str) -> None:
+    """A symlink at ``path`` (replacing a stale temporary), owned by root as its folder."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.symlink(target, path)
+    if os.geteuid() == 0:
+        os.lchown(path, 0, 0)
 
 
 def replace_file(path: str, data: bytes, mode: int) -> None:
@@ -238,3 +251,20 @@ def prune_backups(backup_root: str, keep: int) -> None:
         for name in os.listdir(backup_root):
             if name.endswith(PARTIAL):
                 shutil.rmtree(os.path.join(backup_root, name), ignore_errors=True)
+
+
+def prune_store(store: str, keep: int) -> list[str]:
+    """Keep the ``keep`` newest timestamped files of kubelet's store besides the one its
+    symlink points at; remove the older ones (kubelet itself never does).  Best effort."""
+    from ..layout import STORE_CURRENT, is_store_file  # noqa: PLC0415
+
+    current = os.path.realpath(os.path.join(store, STORE_CURRENT))
+    try:
+        names = sorted(n for n in os.listdir(store) if is_store_file(n))
+    except OSError:
+        return []
+    older = [
+        os.path.join(store, n) for n in names if os.path.realpath(os.path.join(store, n)) != current
+    ]
+    removed = [path for path in older[: max(0, len(older) - keep)] if _unlink(path)]
+    return removed
