@@ -372,6 +372,16 @@ def test_503_is_unreachable_with_retry_after(
     assert str(unreachable.value) == f"{server.url}/v1/ca: 503 unavailable: store busy"
 
 
+def test_408_too_slow_is_unreachable(
+    serve: Callable[..., LoopbackServer], material: Material
+) -> None:
+    """A 408 (the body came too slowly) is worth another try: SignerUnreachable, not a refusal."""
+    body = json.dumps({"error": "too-slow", "message": "body not whole in 10 s"}).encode()
+    server = serve(always(Reply(408, body)))
+    with pytest.raises(SignerUnreachable, match=r"/v1/sign: 408 too-slow: body not whole"):
+        client_for(server, material).sign(b"CSR", "renewal", material.identity)
+
+
 def test_429_is_refused_with_retry_after(
     serve: Callable[..., LoopbackServer], material: Material
 ) -> None:

@@ -222,16 +222,17 @@ def test_metrics_are_shared_by_workers(signer_workers2: Signer) -> None:
     assert [issued_total(signer_workers2, "sign") for _ in range(6)] == [before + 3] * 6
 
 
-def test_unknown_path_is_a_json_404(signer: Signer) -> None:
-    """An unknown path is 404 and a wrong method 405, both in SPEC's JSON error shape."""
-    for answer, status in (
-        (signer.get("/v2/nothing-here"), 404),
-        (signer.post("/v1/ca", {}), 405),
+def test_method_not_allowed_lists_the_allowed_methods(signer: Signer) -> None:
+    """A 405 names the allowed methods in its Allow header (RFC 9110) and in its message."""
+    for path, method, allowed in (
+        ("/v1/ca", "POST", {"GET", "HEAD"}),
+        ("/v1/sign", "GET", {"POST"}),
     ):
-        assert answer.status_code == status
-        body = answer.json()
-        assert set(body) == {"error", "message"}
-        assert "Traceback" not in answer.text
+        with signer.session() as session:
+            answer = session.request(method, signer.url + path, timeout=30)
+        assert_error(answer, 405, "method-not-allowed")
+        assert set(answer.headers["Allow"].replace(" ", "").split(",")) == allowed
+        assert all(name in answer.json()["message"] for name in allowed)
 
 
 # -- mutual TLS with two independent clients ------------------------------------------------
@@ -402,6 +403,22 @@ def case_bad_request(ctx: Ctx) -> list[requests.Response]:
         ctx.signer.post("/v1/sign", {"csr": 42}, client=identity),
         ctx.signer.post("/v1/enroll", {"token": token}),
         ctx.signer.post("/v1/enroll", {"csr": identity_csr("x")}),
+        ctx.signer.post("/v1/enroll", {"csr": identity_csr("x"), "token": 7}),
+        ctx.signer.post("/v1/sign", {"csr": kubelet_csr("x"), "reason": 7}, client=identity),
+        ctx.signer.post(
+            "/v1/sign", {"csr": kubelet_csr("x"), "reason": "r" * 201}, client=identity
+        ),
+        # Not JSON as RFC 8259 has it: NaN, a repeated name, not UTF-8.
+        ctx.signer.post("/v1/sign", b'{"csr": NaN}', client=identity),
+        ctx.signer.post("/v1/sign", b'{"csr": "a", "csr": "b"}', client=identity),
+        ctx.signer.post("/v1/identity", b'{"csr": 1' + b"0" * 5000 + b"}", client=identity),
+        ctx.signer.post("/v1/enroll", json.dumps({"token": token, "csr": "x"}).encode("utf-16")),
+        ctx.signer.post("/v1/enroll", b"\xef\xbb\xbf" + json.dumps({"token": token}).encode()),
+        # A body whose Content-Encoding does not decode.
+        ctx.signer.post(
+            "/v1/sign", b"not gzip", client=identity, headers={"Content-Encoding": "gzip"}
+        ),
+        ctx.signer.post("/v1/enroll", b"not zlib", headers={"Content-Encoding": "deflate"}),
     ]
 
 
@@ -432,6 +449,12 @@ def case_bad_csr(ctx: Ctx) -> list[requests.Response]:
             "/v1/enroll", {"token": ctx.token(enroll_node), "csr": kubelet_csr(enroll_node)}
         )
     )
+    # An unpaired UTF-16 surrogate escape is a JSON string but never PEM text.
+    answers += [
+        ctx.signer.post("/v1/sign", {"csr": "\ud800"}, client=identity),
+        ctx.signer.post("/v1/identity", {"csr": "\udfff-----BEGIN"}, client=identity),
+        ctx.signer.post("/v1/enroll", {"token": ctx.token(enroll_node), "csr": "\ud800"}),
+    ]
     return answers
 
 
@@ -566,6 +589,30 @@ def case_unavailable(ctx: Ctx) -> list[requests.Response]:
     ]
 
 
+def case_not_found(ctx: Ctx) -> list[requests.Response]:
+    return [
+        ctx.signer.get("/v2/nothing-here"),
+        ctx.signer.get("/v1/ca/"),
+        ctx.signer.post("/v1/signs", {"csr": kubelet_csr("x")}),
+        ctx.signer.get("/v1/%ZZ?x=%00"),
+    ]
+
+
+def case_method_not_allowed(ctx: Ctx) -> list[requests.Response]:
+    with ctx.signer.session() as session:
+        return [
+            session.request(method, ctx.signer.url + path, timeout=30)
+            for method, path in (
+                ("POST", "/v1/ca"),
+                ("PUT", "/v1/sign"),
+                ("GET", "/v1/enroll"),
+                ("DELETE", "/healthz"),
+                ("OPTIONS", "/metrics"),
+                ("PATCH", "/v1/identity"),
+            )
+        ]
+
+
 ERROR_CASES = [
     pytest.param(400, case_bad_request, id="bad-request"),
     pytest.param(400, case_bad_csr, id="bad-csr"),
@@ -574,6 +621,8 @@ ERROR_CASES = [
     pytest.param(403, case_forbidden_node, id="forbidden-node"),
     pytest.param(403, case_node_revoked, id="node-revoked"),
     pytest.param(403, case_token_invalid, id="token-invalid"),
+    pytest.param(404, case_not_found, id="not-found"),
+    pytest.param(405, case_method_not_allowed, id="method-not-allowed"),
     pytest.param(413, case_too_large, id="too-large"),
     pytest.param(429, case_rate_limited, id="rate-limited"),
     pytest.param(503, case_unavailable, id="unavailable"),
@@ -609,6 +658,37 @@ def test_body_limit_is_64_kib(signer: Signer, size: int) -> None:
         assert_error(answer, 413, "too-large")
     else:
         assert_error(answer, 403, "token-invalid")
+
+
+MAX_DEPTH = 32  # SPEC: arrays and objects nest at most 32 levels deep
+
+
+def nested(shape: str, depth: int) -> bytes:
+    """A JSON text of ``depth`` arrays (or objects), each inside the one before."""
+    if shape == "arrays":
+        return b"[" * depth + b"]" * depth
+    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+@pytest.fixture(scope="module")
+def nesting_identity(signer: Signer) -> Client:
+    """One node identity for the nesting tests, which never get as far as issuing."""
+    return signer.enroll(unique("nesting"))
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, MAX_DEPTH + 1, 490, 10_000])
+@pytest.mark.parametrize("shape", ["arrays", "objects"])
+@pytest.mark.parametrize("path", ["/v1/sign", "/v1/identity", "/v1/enroll"])
+def test_deeply_nested_body_is_bad_request(
+    signer: Signer, nesting_identity: Client, path: str, shape: str, depth: int
+) -> None:
+    """JSON nested 32 levels deep is read, one level more (or thousands) is 400 bad-request."""
+    body = nested(shape, depth)
+    assert len(body) <= MAX_BODY
+    answer = signer.post(path, body, client=nesting_identity)
+    assert_error(answer, 400, "bad-request")
+    too_deep = f"deeper than {MAX_DEPTH} levels" in answer.json()["message"]
+    assert too_deep == (depth > MAX_DEPTH), answer.json()
 
 
 # -- tokens under concurrency ---------------------------------------------------------------

@@ -272,7 +272,7 @@ def _answer(where: str, status: int, retry_after: float | None, body: bytes) -> 
         payload = None
     if not isinstance(payload, dict):
         raise SignerUnreachable(f"{where}: HTTP {status} without a JSON body", retry_after)
-    if status >= 500 or status == 429:
+    if status >= 500 or status in (408, 429):  # 408: the body came too slowly; try again
         code = str(payload.get("error", "unavailable"))
         if status == 429:
             raise SignerRefused(429, code, _line(payload.get("message", "")), retry_after)

@@ -3,19 +3,24 @@
 Each issuing handler reads the peer certificate and the body, calls the pure policy,
 writes exactly one audit record through the store, and renders JSON.  Every error
 body is ``{"error": CODE, "message": TEXT}`` with SPEC's codes; nothing else (no
-traceback, no token secret) ever reaches a client.
+traceback, no token secret) ever reaches a client.  A body is read whole (at most
+MAX_BODY bytes, within BODY_TIMEOUT) and must be strict JSON (``parse_body``) before a
+handler looks at a field.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 from cryptography import x509
 
 from .. import pki
@@ -27,6 +32,8 @@ from .store import ISSUED, REFUSED, AuditRecord, Store, StoreError
 
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT = 10.0  # seconds to receive a whole request body
+MAX_DEPTH = 32  # levels of arrays and objects in a body; SPEC's bodies have one
+MAX_DIGITS = 100  # digits of a JSON integer; SPEC's bodies have none
 Clock = Callable[[], dt.datetime]
 
 
@@ -38,6 +45,7 @@ class Refusal(Exception):
     code: str
     message: str
     retry_after: int | None = None
+    close: bool = False  # the connection cannot carry another request after this one
 
 
 STORE = web.AppKey("store", Store)
@@ -81,9 +89,6 @@ def error_body(
     return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
-_HTTP_CODES = {413: "too-large", 401: "unauthenticated", 503: "unavailable"}
-
-
 @web.middleware
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -92,7 +97,10 @@ async def error_middleware(
     try:
         return await handler(request)
     except Refusal as refusal:
-        return error_body(refusal.status, refusal.code, refusal.message, refusal.retry_after)
+        response = error_body(refusal.status, refusal.code, refusal.message, refusal.retry_after)
+        if refusal.close:
+            response.force_close()
+        return response
     except StoreError:
         journal.send(
             "refused", "state database unavailable; nothing issued", journal.ERR, code="unavailable"
@@ -100,13 +108,11 @@ async def error_middleware(
         return error_body(
             503, "unavailable", "the signer's state database is unavailable; try again"
         )
-    except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself
-        code = _HTTP_CODES.get(exc.status, "bad-request")
-        return error_body(exc.status, code, exc.reason)
+    except web.HTTPException as exc:  # 404 and 405 from aiohttp's router
+        return http_error(request, exc)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: log, answer 500
-        journal.send(
-            "refused", f"internal error: {type(exc).__name__}: {exc}", journal.ERR, code="internal"
-        )
+        message = f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"
+        journal.send("refused", message, journal.ERR, code="internal")
         return error_body(500, "internal", "internal error; see the signer's journal")
     finally:
         metrics.LATENCY.labels(request.path if request.path in _KNOWN_PATHS else "other").observe(
@@ -115,6 +121,70 @@ async def error_middleware(
 
 
 _KNOWN_PATHS = {"/v1/ca", "/v1/enroll", "/v1/identity", "/v1/sign", "/healthz", "/metrics"}
+
+
+def http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's router's refusal in SPEC's shape, saying what would work."""
+    path = _short(request.path)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = sorted(exc.allowed_methods)
+        response = error_body(
+            405,
+            "method-not-allowed",
+            f"{_short(request.method)} is not allowed on {path}; allowed: {', '.join(allowed)}",
+        )
+        response.headers["Allow"] = ", ".join(allowed)  # RFC 9110: a 405 must carry Allow
+        return response
+    if exc.status == 404:
+        paths = ", ".join(sorted(_KNOWN_PATHS))
+        return error_body(404, "not-found", f"no endpoint at {path}; the API has {paths}")
+    return error_body(exc.status, "bad-request" if exc.status < 500 else "internal", exc.reason)
+
+
+def _short(text: str, limit: int = 100) -> str:
+    """Client-chosen text (a path, a method, a field name) cut to fit in a message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return _short(" ".join(text.split()), limit)
+
+
+def _reason(exc: BaseException) -> str:
+    """What aiohttp says is wrong with a request, on one line."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, HttpProcessingError):
+            return _one_line(error.message)
+    return _one_line(str(exc))
+
+
+class _JournalHandler(logging.Handler):
+    """aiohttp's server log as one journal line per event, never a traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        what = record.getMessage()
+        # A request aiohttp could not parse, or a body it could not decode (which it
+        # meets again when it drains the body after our answer): the client's doing.
+        if isinstance(exc, HttpProcessingError | web.RequestPayloadError):
+            message = f"{what}: bad request from the client: {_reason(exc)}"
+            journal.send("refused", message, journal.WARNING, code="bad-request")
+        else:
+            detail = f": {type(exc).__name__}: {_one_line(str(exc))}" if exc else ""
+            journal.send("refused", f"internal error: {what}{detail}", journal.ERR, code="internal")
+
+
+def http_logger() -> logging.Logger:
+    """The logger for aiohttp's server, ``web.AppRunner(app, logger=http_logger())``.
+
+    aiohttp logs every request it cannot parse (a bad request line, a header line over
+    8190 bytes, a body framing it cannot follow) with ``logger.exception``: a traceback
+    of its own parser, on stderr when nothing else is set up.  This logger makes each
+    one a journal line instead (debug messages are dropped), in no global registry.
+    """
+    logger = logging.Logger("kubecertd-signer.http", logging.INFO)
+    logger.addHandler(_JournalHandler())
+    return logger
 
 
 # -- reading a request -----------------------------------------------------------------------
@@ -157,30 +227,162 @@ async def require_identity(
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; else 413 too-large, 408 too-slow or 400 bad-request."""
+    return parse_body(await read_body(request))
+
+
+async def read_body(request: web.Request) -> bytes:
+    too_large = Refusal(413, "too-large", f"request body is over {MAX_BODY} bytes")
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise Refusal(413, "too-large", f"request body is over {MAX_BODY} bytes")
+        raise too_large
     try:
-        raw = await request.read()
+        return await asyncio.wait_for(request.read(), BODY_TIMEOUT)
     except web.HTTPRequestEntityTooLarge as exc:
-        raise Refusal(413, "too-large", f"request body is over {MAX_BODY} bytes") from exc
+        raise too_large from exc
+    except asyncio.TimeoutError as exc:
+        raise Refusal(
+            408, "too-slow", f"request body not received within {BODY_TIMEOUT:g} s", close=True
+        ) from exc
+    except web.RequestPayloadError as exc:  # a Content-Encoding or chunked framing that fails
+        message = f"request body cannot be decoded: {_reason(exc)}"
+        raise Refusal(400, "bad-request", message, close=True) from exc
+    except ConnectionError as exc:  # the client left mid-body; nobody reads the answer
+        raise Refusal(400, "bad-request", "request body cut short", close=True) from exc
+
+
+class _Unaccepted(ValueError):
+    """JSON that Python's json module reads but RFC 8259 or the signer does not accept."""
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 bad-request ``Refusal`` saying why.
+
+    RFC 8259 JSON in UTF-8 without a byte order mark; no NaN or Infinity, no name twice
+    in one object, integers of at most MAX_DIGITS digits, nesting at most MAX_DEPTH deep.
+    """
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Refusal(400, "bad-request", "request body is not JSON") from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Refusal(400, "bad-request", f"request body is not UTF-8 (byte {exc.start})") from exc
+    if text.startswith("\ufeff"):
+        raise Refusal(400, "bad-request", "request body starts with a byte order mark")
+    too_deep = Refusal(
+        400, "bad-request", f"request body nests arrays or objects deeper than {MAX_DEPTH} levels"
+    )
+    if nests_deeper(raw, MAX_DEPTH):
+        raise too_deep
+    try:
+        body = json.loads(
+            text, object_pairs_hook=_unique_names, parse_constant=_no_constant, parse_int=_integer
+        )
+    except _Unaccepted as exc:
+        raise Refusal(400, "bad-request", f"request body {exc}") from exc
+    except json.JSONDecodeError as exc:
+        message = f"request body is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        raise Refusal(400, "bad-request", message) from exc
+    except RecursionError as exc:  # nests_deeper() keeps this away; never a 500 if not
+        raise too_deep from exc
     if not isinstance(body, dict):
-        raise Refusal(400, "bad-request", "request body must be a JSON object")
+        raise Refusal(400, "bad-request", f"request body must be a JSON object, not {_kind(body)}")
     return body
+
+
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_OPENERS = frozenset(b"[{")
+
+
+def nests_deeper(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in the UTF-8 JSON ``raw`` nest more than ``limit`` deep.
+
+    json.loads recurses once per level against the interpreter's recursion limit, which
+    it shares with the caller's stack: in this server's handlers about 980 levels of
+    ``[`` raised RecursionError.  Counting first, without recursion, lets a fixed limit
+    decide.  Brackets in strings do not count.  On text that is not JSON the count can
+    be wrong only past the point where json.loads fails anyway.  Linear, and at C speed
+    but for one pass over the brackets.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # every body an agent sends
+        return False
+    # Without escaped backslashes, then escaped quotes, every '"' left opens or closes
+    # a string (UTF-8 never puts these bytes inside a multi-byte character).
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside_strings = b"".join(unescaped.split(b'"')[::2])
+    depth = 0
+    for byte in outside_strings.translate(None, _NOT_BRACKETS):
+        if byte in _OPENERS:
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # RFC 8259 leaves a repeated name to the reader; Go keeps the last, some keep the
+    # first.  Two readers of one body must never see two different requests.
+    seen: set[str] = set()
+    for name, _value in pairs:
+        if name in seen:
+            raise _Unaccepted(f"repeats the name {_short(name, 40)!r} in one object")
+        seen.add(name)
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise _Unaccepted(f"holds {name}, which is not a JSON number")
+
+
+def _integer(digits: str) -> int:
+    # int() of a long string costs time quadratic in its length; Python's own bound
+    # (4300 digits) can be lifted by the environment (PYTHONINTMAXSTRDIGITS).
+    if len(digits.lstrip("-")) > MAX_DIGITS:
+        raise _Unaccepted(
+            f"holds a number of {len(digits.lstrip('-'))} digits (at most {MAX_DIGITS})"
+        )
+    return int(digits)
+
+
+def _kind(value: object) -> str:
+    """The JSON type of a parsed value, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def text_field(
     body: dict[str, Any], name: str, required: bool = True, limit: int = MAX_BODY
 ) -> str:
+    """The string field ``name`` of a body; a missing or null optional one is ""."""
     value = body.get(name)
     if value is None and not required:
         return ""
-    if not isinstance(value, str) or (required and not value) or len(value) > limit:
-        raise Refusal(400, "bad-request", f"field {name!r} must be a non-empty string")
+    if name not in body:
+        raise Refusal(400, "bad-request", f"field {name!r} is missing")
+    if not isinstance(value, str):
+        raise Refusal(400, "bad-request", f"field {name!r} must be a string, not {_kind(value)}")
+    if required and not value:
+        raise Refusal(400, "bad-request", f"field {name!r} must not be empty")
+    if len(value) > limit:
+        raise Refusal(
+            400, "bad-request", f"field {name!r} is {len(value)} characters long (at most {limit})"
+        )
     return value
+
+
+def pem_bytes(text: str) -> bytes:
+    """A ``csr`` field as bytes for the policy, which judges any bytes.
+
+    JSON's "\\ud800" escapes decode to lone surrogates, which UTF-8 cannot encode;
+    replaced by "?", such text is still no CSR, and the policy answers bad-csr.
+    """
+    return text.encode("utf-8", "replace")
 
 
 # -- issuing ---------------------------------------------------------------------------------
@@ -298,7 +500,7 @@ async def post_sign(request: web.Request) -> web.Response:
     ask = Ask(
         endpoint="sign",
         kind=policy.KUBELET,
-        csr=text_field(body, "csr").encode(),
+        csr=pem_bytes(text_field(body, "csr")),
         identity=identity,
         reason=_clean_reason(text_field(body, "reason", required=False, limit=200)),
         rate_limit=request.app[POLICY].max_issuances_per_node_per_hour,
@@ -319,13 +521,13 @@ async def post_identity(request: web.Request) -> web.Response:
     # Only an identity certificate renews an identity: a kubelet certificate cannot.
     identity = await require_identity(request, "identity", via=(policy.IDENTITY,))
     body = await read_json(request)
-    ask = Ask("identity", policy.IDENTITY, text_field(body, "csr").encode(), identity)
+    ask = Ask("identity", policy.IDENTITY, pem_bytes(text_field(body, "csr")), identity)
     return await _identity_answer(request, ask)
 
 
 async def post_enroll(request: web.Request) -> web.Response:
     body = await read_json(request)
-    csr = text_field(body, "csr").encode()
+    csr = pem_bytes(text_field(body, "csr"))
     parsed = tokens.parse_token(text_field(body, "token", limit=200))
     token = None
     if parsed is not None:

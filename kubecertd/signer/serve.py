@@ -177,7 +177,7 @@ async def _worker(
     from aiohttp import web  # noqa: PLC0415
 
     from . import listener  # noqa: PLC0415 - imports the metrics
-    from .app import create_app  # noqa: PLC0415 - after PROMETHEUS_MULTIPROC_DIR is set
+    from .app import create_app, http_logger  # noqa: PLC0415 - after PROMETHEUS_MULTIPROC_DIR is set
     from .store import open_store  # noqa: PLC0415
 
     loop = asyncio.get_running_loop()
@@ -189,7 +189,11 @@ async def _worker(
         print(f"kubecertd-signer: worker {os.getpid()}: {note}", file=sys.stderr)
     app = create_app(authority, open_store(config.state, config.database_url), config.policy)
     runner = web.AppRunner(
-        app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT, handle_signals=False
+        app,
+        access_log=None,
+        logger=http_logger(),  # a request aiohttp cannot parse: one line, never a traceback
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        handle_signals=False,
     )
     await runner.setup()
     server = cast(web.Server, runner.server)  # set by setup(); a protocol factory
