@@ -500,3 +500,22 @@ def test_json_command_with_the_database_away(
     status, out, err = run(capsys, "audit", "--json", "--config", config)
     assert status == 1 and json.loads(out)["error"]["code"] == "unavailable"
     assert_one_line_error(err, "state database")
+
+
+@pytest.mark.parametrize("legacy_exists", [False, True], ids=["unit-config", "legacy-first"])
+def test_default_config_is_the_one_the_unit_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, legacy_exists: bool
+) -> None:
+    """Without --config the commands read /etc/kubecertd/signer.toml if it exists, else the
+    unit's /etc/kubecertd/signer/signer.toml (so they see the service's database_url)."""
+    from kubecertd.signer import config as signer_config
+
+    legacy, unit = tmp_path / "signer.toml", tmp_path / "signer" / "signer.toml"
+    unit.parent.mkdir()
+    unit.write_text('listen = "127.0.0.1:9001"\n')
+    if legacy_exists:
+        legacy.write_text('listen = "127.0.0.1:9002"\n')
+    monkeypatch.setattr(signer_config, "DEFAULT_CONFIG", str(legacy))
+    monkeypatch.setattr(signer_config, "UNIT_CONFIG", str(unit))
+    loaded = read_signer_config(None, {})
+    assert loaded.listen == ("127.0.0.1:9002" if legacy_exists else "127.0.0.1:9001")

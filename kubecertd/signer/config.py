@@ -17,6 +17,10 @@ from ..errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/kubecertd/signer.toml"
 DEFAULT_DIR = "/etc/kubecertd/signer"
+# Where `init --dir /etc/kubecertd/signer` writes it and the shipped unit reads it: the
+# commands read it when DEFAULT_CONFIG does not exist, so `token create` on the signer
+# host sees the same database_url as the service without --config.
+UNIT_CONFIG = f"{DEFAULT_DIR}/signer.toml"
 
 
 class Pair(NamedTuple):
@@ -98,7 +102,12 @@ def load_signer_config(text: str | None, where: str) -> SignerConfig:
     return config._replace(source=where)
 
 
-def read_signer_config(path: str | None, env: Mapping[str, str] | None = None) -> SignerConfig:
+def read_signer_config(
+    path: str | None, env: Mapping[str, str] | None = None, default: str | None = None
+) -> SignerConfig:
+    """--config, else $KUBECERTD_SIGNER_CONFIG, else DEFAULT_CONFIG, else UNIT_CONFIG."""
     environ = os.environ if env is None else env
-    text, where = read_config_text(path, environ, "KUBECERTD_SIGNER_CONFIG", DEFAULT_CONFIG)
+    if default is None:
+        default = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else UNIT_CONFIG
+    text, where = read_config_text(path, environ, "KUBECERTD_SIGNER_CONFIG", default)
     return load_signer_config(text, where)
