@@ -1,3 +1,3 @@
 """kubecertd: heals Kubernetes worker certificates in place."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -18,6 +18,7 @@ from . import __version__
 from .config import Config, read_config
 from .diagnose import CheckPolicy, Diagnosis, diagnose
 from .errors import KubecertdError, UsageError
+from .evidence import observe
 from .layout import Layout
 from .locate import locate
 from .material import read_layout
@@ -126,7 +127,8 @@ def check_files(config: Config, layout: Layout, now: dt.datetime | None = None) 
     anything on disk)."""
     material = read_layout(layout)
     when = now or dt.datetime.now(dt.timezone.utc)
-    return diagnose(material, config.node_name, when, CheckPolicy.from_config(config, os.geteuid()))
+    policy = CheckPolicy.from_config(config, os.geteuid())
+    return observe(diagnose(material, config.node_name, when, policy), layout)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -160,9 +162,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
+    import contextlib  # noqa: PLC0415
+
+    from .locate import LayoutNotFound  # noqa: PLC0415
     from .oneshot import enroll  # noqa: PLC0415
 
-    print(enroll(load(args), args.token))
+    # The identity is for the node name the daemon uses: kubelet's --hostname-override
+    # when its unit has one.  A node whose kubelet is not set up yet may enroll all the same.
+    config = load(args)
+    with contextlib.suppress(LayoutNotFound):
+        config, _layout = locate(config)
+    print(enroll(config, args.token))
     return 0
 
 

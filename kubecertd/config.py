@@ -127,6 +127,23 @@ def layout_name(value: Any) -> str:
     return text
 
 
+def restart_mode(value: Any) -> str:
+    """``[kubelet] restart``: true, false, or "auto" (restart only when kubelet needs it)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value == "auto":
+        return "auto"
+    raise ValueError(f'expected true, false or "auto", got {value!r}')
+
+
+def version_text(value: Any) -> str:
+    """A kubelet version such as "1.29.3" or "v1.30", or "" to ask ``kubelet --version``."""
+    text = string(value).strip()
+    if text and not re.fullmatch(r"v?\d+\.\d+(\.\d+)?([-+][0-9A-Za-z.+-]*)?", text):
+        raise ValueError(f"{text!r} is not a version like 1.29.3")
+    return text
+
+
 def url(value: Any) -> str:
     """``https://host[:port][/prefix]``, or "" for none."""
     text = string(value)
@@ -177,6 +194,8 @@ KeyType = Annotated[str, key_type]
 NodeName = Annotated[str, node_name]
 Url = Annotated[str, url]
 LayoutName = Annotated[str, layout_name]
+RestartMode = Annotated[str, restart_mode]
+Version = Annotated[str, version_text]
 
 
 def build(
@@ -277,9 +296,11 @@ class Signer(NamedTuple):
 
 class Kubelet(NamedTuple):
     unit: NonEmpty = "kubelet.service"
-    restart: Boolean = True
+    restart: RestartMode = "auto"  # "true", "false" or "auto": only when kubelet needs it
     settle: Duration = 10.0
     max_restarts_per_hour: Count = 4
+    config: String = ""  # KubeletConfiguration; "" = the --config of its unit
+    version: Version = ""  # "" = ask `kubelet --version` (the unit's own binary)
 
 
 class Daemon(NamedTuple):

@@ -38,6 +38,7 @@ from .errors import (
     SignerUnreachable,
     VerificationError,
 )
+from .evidence import observe
 from .heal import Healer, healing_reason, identity_due, obtain_identity, utcnow
 from .layout import Layout, describe_layout
 from .material import Material, read_layout
@@ -62,9 +63,11 @@ def acquire_lock(state_dir: str) -> int:
 
 
 def fingerprint(material: Material) -> tuple[object, ...]:
-    """What the files are, cheaply: bytes and mode, to recognise our own writes."""
+    """What the files are, cheaply: bytes and mode, to recognise our own writes.  Whether
+    the store's current file is a symlink too: a copy of our file put in its place has
+    the same bytes and mode, and is still kubelet's failure (cert-not-symlink)."""
     return tuple(
-        (s.path, s.data, s.mode, s.uid, s.missing)
+        (s.path, s.data, s.mode, s.uid, s.missing, s.not_symlink)
         for s in (material.ca, material.cert, material.key)
     )
 
@@ -189,7 +192,8 @@ class Daemon:
         config = self.config
         material = read_layout(self.layout)
         policy = CheckPolicy.from_config(config, os.geteuid())
-        return material, diagnose(material, config.node_name, self.clock(), policy)
+        diagnosis = diagnose(material, config.node_name, self.clock(), policy)
+        return material, observe(diagnosis, self.layout)
 
     def cycle(self, why: str) -> Diagnosis:
         material, diagnosis = self.diagnose_now()
@@ -199,7 +203,7 @@ class Daemon:
         self._log_check(diagnosis, why)
         if why == "start":
             notify("READY=1")  # after the first diagnosis, before any healing (SPEC)
-        reason = healing_reason(diagnosis, self.config, self.clock())
+        reason = healing_reason(diagnosis, self.config, self.clock(), self.layout.rotation)
         waiting = self.timers.retry is not None and self.monotonic() < self.timers.retry
         if reason and not waiting:
             diagnosis = self._heal(diagnosis, material, reason)
@@ -359,5 +363,5 @@ def run_daemon(config: Config) -> int:
         node=config.node_name,
     )
     client = HttpSignerClient(config.signer.url, config.signer.ca, config.signer.timeout)
-    units = DbusUnitManager() if config.kubelet.restart else None
+    units = DbusUnitManager() if config.kubelet.restart != "false" else None
     return Daemon(config, layout, client, units).run()

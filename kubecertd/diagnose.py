@@ -20,6 +20,7 @@ from .material import FileState, Material
 
 ERROR = "error"
 WARNING = "warning"
+INFO = "info"  # a fact worth showing that asks nothing of anyone
 
 # code -> (severity, hint).  Messages are built where the facts are known.
 CODES: dict[str, tuple[str, str]] = {
@@ -72,6 +73,15 @@ CODES: dict[str, tuple[str, str]] = {
         ERROR,
         "kubelet cannot start with this kubeconfig; fix the key named (kubecertd never rewrites a kubeconfig it cannot read)",
     ),
+    # Findings about kubelet and the clock rather than the files (kubecertd.evidence).
+    "clock-unsynced": (
+        ERROR,
+        "fix time synchronization (timedatectl timesync-status); kubecertd requests nothing until it is synchronized",
+    ),
+    "rotation-managed": (
+        INFO,
+        "kubecertd only watches; it acts when kubelet cannot recover (expired, another node's, untrusted, missing or corrupt, not a symlink)",
+    ),
     "key-weak": (
         WARNING,
         "kubecertd replaces it with a [policy] key_type key at the next renewal; remove worker-key.pem to have it replaced now",
@@ -85,8 +95,9 @@ class Finding(NamedTuple):
     path: str
     message: str
     hint: str
+    kubelet_line: str | None = None  # kubelet's own journal line that agrees, if any
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, str | None]:
         return self._asdict()
 
 

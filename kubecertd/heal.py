@@ -26,6 +26,7 @@ from .edges.client import ClientCert, SignerClient
 from .edges.install import Target, install, prune_store, replace_file
 from .edges.units import UnitManager
 from .errors import InstallError, NoIdentity, UnitError, VerificationError
+from .kubelet import Restart, failure_after, parse_version, restart_decision
 from .layout import Credentials, Layout, plan_install
 from .material import FileState, Material, read_file, read_kubeconfig_text, read_layout
 
@@ -38,12 +39,27 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def healing_reason(diagnosis: Diagnosis, config: Config, now: dt.datetime) -> str | None:
-    """Why the pair must be replaced now (the first error's code, or "renewal"), or None."""
-    errors = [f.code for f in diagnosis.findings if f.severity == ERROR]
+# Errors a new certificate cannot fix: kubecertd requests nothing for them.
+NOT_HEALED_BY_A_CERTIFICATE = frozenset({"kubeconfig-invalid", "clock-unsynced"})
+
+
+def healing_reason(
+    diagnosis: Diagnosis, config: Config, now: dt.datetime, rotation: bool = False
+) -> str | None:
+    """Why the pair must be replaced now (the first error's code, or "renewal"), or None.
+
+    Nothing while the clock is not synchronized (the certificate's dates may be fine).
+    Where kubelet rotates the certificate itself, only what it cannot recover from by
+    itself: every error finding is such a state (expired, another node's, untrusted,
+    missing or corrupt, not a symlink); the renewal schedule is kubelet's.
+    """
+    codes = [f.code for f in diagnosis.findings if f.severity == ERROR]
+    if "clock-unsynced" in codes:
+        return None
+    errors = [code for code in codes if code not in NOT_HEALED_BY_A_CERTIFICATE]
     if errors:
         return errors[0]
-    if diagnosis.cert is not None:
+    if diagnosis.cert is not None and not rotation and not codes:
         due = schedule.renewal_point(diagnosis.cert, config.policy.renew_fraction, config.node_name)
         if now >= due:
             return "renewal"
@@ -80,20 +96,24 @@ class Healer:
 
     def heal(self, diagnosis: Diagnosis, material: Material, reason: str) -> Outcome:
         config, node = self.config, self.config.node_name
+        said = next((f.kubelet_line for f in diagnosis.findings if f.code == reason), None)
         journal.send(
             "renew-start",
-            f"renewing the kubelet certificate of {node}: {reason}",
-            journal.NOTICE,
-            node=node,
-            finding=reason,
-        )
+            f"renewing the kubelet certificate of {node}: {reason}"
+            + (f"; kubelet says: {said}" if said else ""),
+            journal.NOTICE, node=node, finding=reason, kubelet_line=said,
+        )  # fmt: skip
         identity = self._identity(diagnosis)
         with self.client.conversation():  # one TLS connection for both calls
             ca_pem = self.client.fetch_ca(
                 identity
             )  # step 1: the signer authenticated by [signer] ca
-            ca_changed = _needs_ca(diagnosis, material, ca_pem)
-            key = pki.generate_key(config.policy.key_type)  # step 2: the key never leaves the node
+            # The CA is installed only where kubecertd keeps it (not k3s's own CA files).
+            ca_changed = self.layout.ca_writable and _needs_ca(diagnosis, material, ca_pem)
+            # step 2: the key never leaves the node; where kubelet rotates, kubelet's own
+            # template (ECDSA P-256), so that kubelet does not rotate it away at once
+            key_type = "ecdsa-p256" if self.layout.rotation else config.policy.key_type
+            key = pki.generate_key(key_type)
             csr = pki.csr_pem(pki.build_csr(key, pki.kubelet_subject(node)))
             issued = self.client.sign(csr, reason, identity)  # step 3
         cert_pem = issued.certificate
@@ -113,9 +133,16 @@ class Healer:
         )  # fmt: skip
         written = self._as_read()
         outcome = Outcome(serial, not_after, tuple(t.path for t in targets), None, written=written)
-        if self.units is None or not config.kubelet.restart:
+        if self.units is None or config.kubelet.restart == "false":
             return outcome
-        came_back = self.restart_kubelet(self.units)  # step 6
+        decision = self.restart_decision(self.units, ca_changed)
+        since = time.time()  # kubelet's lines from here on speak about the new pair
+        if decision.needed:
+            came_back = self.restart_kubelet(self.units, decision.why)  # step 6
+        else:
+            came_back = self._took_it_without_restart(self.units, decision.why)
+        if came_back:  # active; and kubelet's own words since agree?
+            came_back = self._no_failure_since(since)
         if came_back is False and diagnosis.healthy:
             restored = self._rollback(self.units, material, serial)
             return Outcome(
@@ -182,7 +209,48 @@ class Healer:
             prune_store(layout.store, config.daemon.backups)
         return targets
 
-    def restart_kubelet(self, units: UnitManager) -> bool | None:
+    def restart_decision(self, units: UnitManager, ca_changed: bool) -> Restart:
+        """``[kubelet] restart`` applied to this layout, kubelet's version and state."""
+        kubelet = self.config.kubelet
+        return restart_decision(
+            kubelet.restart,
+            self.layout.shape,
+            self.layout.rotation,
+            kubelet_version(kubelet.version, self.layout.binary),
+            ca_changed,
+            self._state(units) == "active",
+        )
+
+    def _took_it_without_restart(self, units: UnitManager, why: str) -> bool:
+        """No restart needed: kubelet is still active after ``settle``."""
+        kubelet, node = self.config.kubelet, self.config.node_name
+        pid = units.main_pid(kubelet.unit)
+        came_back = self._settled(units, pid)
+        state = self._state(units)
+        journal.send(
+            "kubelet-restarted",
+            f"not restarting {kubelet.unit}: {why}; after {kubelet.settle:g}s it is {state}",
+            journal.INFO if came_back else journal.ERR,
+            node=node, unit=kubelet.unit, result="not-needed", pid=pid, active_state=state,
+        )  # fmt: skip
+        return came_back
+
+    def _no_failure_since(self, since: float) -> bool:
+        """kubelet logged none of its credential failures since the install (its journal)."""
+        from .edges.kubelet_log import recent_lines  # noqa: PLC0415
+
+        line = failure_after(recent_lines(self.layout.unit, since))
+        if line is None:
+            return True
+        journal.send(
+            "renew-failed",
+            f"kubelet still fails with the new certificate: {line.line}",
+            journal.ERR, node=self.config.node_name, unit=self.layout.unit,
+            kubelet_line=line.line,
+        )  # fmt: skip
+        return False
+
+    def restart_kubelet(self, units: UnitManager, why: str = "") -> bool | None:
         """Restart kubelet within the hourly budget; True if it stayed up for ``settle``."""
         kubelet, node = self.config.kubelet, self.config.node_name
         now = time.time()
@@ -213,7 +281,7 @@ class Healer:
         state = self._state(units)
         journal.send(
             "kubelet-restarted",
-            f"restarted {kubelet.unit} (job {result}, PID {pid}); after {kubelet.settle:g}s it is {state}",
+            f"restarted {kubelet.unit} (job {result}, PID {pid}{'; ' + why if why else ''}); after {kubelet.settle:g}s it is {state}",
             journal.INFO if came_back else journal.ERR,
             node=node, unit=kubelet.unit, result=result, pid=pid, active_state=state,
         )  # fmt: skip
@@ -361,3 +429,30 @@ def identity_due(config: Config, now: dt.datetime) -> bool:
     except ValueError:
         return False
     return now >= schedule.renewal_point(cert, config.policy.renew_fraction, config.node_name)
+
+
+# -- kubelet's version ---------------------------------------------------------------------
+
+_VERSIONS: dict[str, tuple[int, int, int] | None] = {}  # binary -> its --version, asked once
+
+
+def kubelet_version(setting: str, binary: str | None) -> tuple[int, int, int] | None:
+    """``[kubelet] version``, else what ``BINARY --version`` says (kubelet, or the k3s or
+    RKE2 agent that runs it), else None (unknown: a restart is the safe side)."""
+    if setting:
+        return parse_version(setting)
+    # Only a program that is kubelet (or runs it: k3s, RKE2) is asked: another one (a
+    # wrapper script, an interpreter) would answer with its own version.
+    if not binary or not os.path.basename(binary).startswith(("kubelet", "k3s", "rke2")):
+        return None
+    if binary not in _VERSIONS:
+        import subprocess  # noqa: PLC0415 - only when a heal decides on a restart
+
+        try:
+            answer = subprocess.run(
+                [binary, "--version"], capture_output=True, text=True, timeout=5, check=False
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            answer = ""
+        _VERSIONS[binary] = parse_version(answer)
+    return _VERSIONS[binary]

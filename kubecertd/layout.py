@@ -71,6 +71,10 @@ class Layout(NamedTuple):
     kubeconfig: str | None = None
     found_from: tuple[str, ...] = ()  # what discovery read or fell back to, for the report
     problems: tuple[tuple[str, str], ...] = ()  # (kubeconfig, why discovery could not read it)
+    ca_writable: bool = True  # False: kubecertd judges against the CA but never writes it
+    rotation: bool = False  # kubelet renews the certificate itself (rotateCertificates)
+    rotation_from: str = ""  # what decided that, for the report
+    binary: str | None = None  # the program the unit runs (asked for its --version)
 
     @property
     def store(self) -> str | None:
@@ -105,10 +109,11 @@ class Layout(NamedTuple):
             "shape": self.shape,
             "unit": self.unit,
             "kubeconfig": self.kubeconfig,
-            "ca": _place_dict(self.ca),
+            "ca": {**_place_dict(self.ca), "written": self.ca_writable},
             "cert": _place_dict(self.cert),
             "key": _place_dict(self.key),
             "found_from": list(self.found_from),
+            "rotation": {"on": self.rotation, "from": self.rotation_from},
         }
 
 
@@ -129,6 +134,12 @@ class Preset(NamedTuple):
     ca: str
     cert: str
     key: str
+    # The CA that issues the client certificate, when it is not the kubeconfig's
+    # certificate-authority (which verifies the API server): k3s and RKE2 sign
+    # client-kubelet.crt with their client CA (k3s pkg/server/handlers ClientKubeletCert
+    # uses Runtime.ClientCA), and manage both CA files themselves: kubecertd judges the
+    # certificate against it and never writes it.
+    client_ca: str | None = None
 
 
 PRESETS = {
@@ -145,6 +156,7 @@ PRESETS = {
         "/var/lib/rancher/k3s/agent/server-ca.crt",
         "/var/lib/rancher/k3s/agent/client-kubelet.crt",
         "/var/lib/rancher/k3s/agent/client-kubelet.key",
+        "/var/lib/rancher/k3s/agent/client-ca.crt",
     ),
     RKE2: Preset(
         "/var/lib/rancher/rke2/agent/kubelet.kubeconfig",
@@ -152,6 +164,7 @@ PRESETS = {
         "/var/lib/rancher/rke2/agent/server-ca.crt",
         "/var/lib/rancher/rke2/agent/client-kubelet.crt",
         "/var/lib/rancher/rke2/agent/client-kubelet.key",
+        "/var/lib/rancher/rke2/agent/client-ca.crt",
     ),
 }
 
@@ -170,12 +183,13 @@ def preset_fallback(name: str, why: str) -> Layout:
     preset = PRESETS[name]
     return Layout(
         name,
-        Place(preset.ca),
+        Place(preset.client_ca or preset.ca),
         Place(preset.cert),
         Place(preset.key),
         preset.unit,
         preset.kubeconfig,
         (why,),
+        ca_writable=preset.client_ca is None,
     )
 
 

@@ -49,6 +49,7 @@ class LayoutNotFound(ConfigError):
 def locate(config: Config, root: str = "/") -> tuple[Config, Layout]:
     """The layout of this node, and the config with kubelet's node name."""
     found = find_layout(config, root)
+    found = found._replace(layout=with_kubelet(found.layout, config, root))
     kubelet = config.kubelet._replace(unit=found.layout.unit)  # the unit to restart
     return config._replace(node_name=found.node_name, kubelet=kubelet), found.layout
 
@@ -148,7 +149,12 @@ def _from_kubeconfig(config: Config, name: str, path: str, why: str, node: str) 
             fallback = preset_fallback(name, f"{why}; {path} unreadable, {name}'s usual files")
             return Found(fallback._replace(unit=unit, problems=(problem,)), node)
         return Found(_unreadable(name, path, unit, why)._replace(problems=(problem,)), node)
-    return Found(layout_from_credentials(name, credentials, unit, why), node)
+    layout = layout_from_credentials(name, credentials, unit, why)
+    client_ca = PRESETS[name].client_ca if name in PRESETS else None
+    if client_ca is not None:  # k3s, RKE2: the client certificate's issuer, never written
+        beside = os.path.join(os.path.dirname(path), os.path.basename(client_ca))
+        layout = layout._replace(ca=Place(beside), ca_writable=False)
+    return Found(layout, node)
 
 
 def _unit_for(config: Config, name: str) -> str:
@@ -184,3 +190,27 @@ def layout_from_credentials(name: str, credentials: Credentials, unit: str, why:
         path,
         (why, f"current context {credentials.context} of {path}"),
     )
+
+
+def with_kubelet(layout: Layout, config: Config, root: str = "/") -> Layout:
+    """The layout with what kubelet's unit says about it: whether kubelet rotates the
+    certificate itself (its --rotate-certificates, else rotateCertificates in the
+    KubeletConfiguration of [kubelet] config or its --config) and its program."""
+    from .discover import parse_kubelet_config  # noqa: PLC0415
+    from .kubelet import rotation_of  # noqa: PLC0415
+
+    unit = _read_unit(layout.unit, root)
+    flags = unit.flags if unit is not None else None
+    path = config.kubelet.config or (flags.config if flags else None)
+    kubelet_config, error = None, None
+    if path:
+        try:
+            with open(path, "rb") as stream:
+                kubelet_config = parse_kubelet_config(stream.read(1 << 20), path)
+        except OSError as exc:
+            error = f"{path}: {exc.strerror}"
+        except ValueError as exc:
+            error = str(exc)
+    rotation = rotation_of(flags, kubelet_config, error, unit=layout.unit if unit else None)
+    binary = unit.argv[0] if unit is not None and unit.argv else None
+    return layout._replace(rotation=rotation.on, rotation_from=rotation.source, binary=binary)

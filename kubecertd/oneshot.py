@@ -146,7 +146,9 @@ def fix(
         return daemon.diagnose_now()[1], FixReport(reason=None, error=held)
     try:
         recover(config.daemon.state_dir, layout.directories())
-        unit_manager = (units or DbusUnitManager()) if restart and config.kubelet.restart else None
+        unit_manager = (
+            (units or DbusUnitManager()) if restart and config.kubelet.restart != "false" else None
+        )
         daemon = Daemon(config, layout, client or client_for(config), unit_manager)
         report = _heal_once(config, daemon, unit_manager)
         return daemon.diagnose_now()[1], report
@@ -156,7 +158,7 @@ def fix(
 
 def _heal_once(config: Config, daemon: Daemon, units: UnitManager | None) -> FixReport:
     material, diagnosis = daemon.diagnose_now()
-    reason = healing_reason(diagnosis, config, utcnow())
+    reason = healing_reason(diagnosis, config, utcnow(), daemon.layout.rotation)
     if reason is None:
         return FixReport(reason=None)
     retries = Retries()

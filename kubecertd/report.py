@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .diagnose import ERROR, Diagnosis, Finding
+from .diagnose import ERROR, WARNING, Diagnosis, Finding
 
 if TYPE_CHECKING:
     from .errors import KubecertdError
@@ -70,12 +70,14 @@ def _finding_lines(findings: list[Finding]) -> list[str]:
     for item in findings:
         lines.append(f"{_INDENT}{item.severity.upper():<7}  {item.code}: {item.message}")
         lines.append(f"{_INDENT}{'':<7}  hint: {item.hint}")
+        if item.kubelet_line:
+            lines.append(f"{_INDENT}{'':<7}  kubelet: {item.kubelet_line}")
     return lines
 
 
 def _verdict(diagnosis: Diagnosis) -> str:
     errors = sum(1 for f in diagnosis.findings if f.severity == ERROR)
-    warnings = len(diagnosis.findings) - errors
+    warnings = sum(1 for f in diagnosis.findings if f.severity == WARNING)
     counts = f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
     if not diagnosis.healthy:
         return f"UNHEALTHY ({counts}): kubelet cannot use these files as they are; kubecertd --check --fix heals them"

@@ -82,7 +82,14 @@ def test_json_matches_spec_schema(capsys: pytest.CaptureFixture[str], seed_confi
     assert document["node"] == factories.NODE
     assert document["healthy"] is False
     assert [f["code"] for f in document["findings"]] == ["cert-wrong-node"]
-    assert set(document["findings"][0]) == {"code", "severity", "path", "message", "hint"}
+    assert list(document["findings"][0]) == [
+        "code",
+        "severity",
+        "path",
+        "message",
+        "hint",
+        "kubelet_line",
+    ]
     certificate = document["certificate"]
     assert set(certificate) == {"subject", "serial", "not_before", "not_after", "node"}
     assert certificate["node"] == factories.OTHER_NODE

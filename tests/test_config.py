@@ -32,9 +32,11 @@ SPEC_DEFAULTS = {
     },
     "kubelet": {
         "unit": "kubelet.service",
-        "restart": True,
+        "restart": "auto",
         "settle": 10.0,
         "max_restarts_per_hour": 4,
+        "config": "",
+        "version": "",
     },
     "daemon": {
         "debounce": 1.0,
@@ -66,7 +68,7 @@ timeout = "10s"
 
 [kubelet]
 unit = "kubelet.service"
-restart = true
+restart = "auto"                 # true | false | "auto": only when kubelet needs it
 settle = "10s"                   # kubelet must still be active this long after a restart
 max_restarts_per_hour = 4
 
@@ -270,7 +272,7 @@ def test_whole_numbers_and_booleans() -> None:
     """Counts and booleans take TOML integers and booleans."""
     cfg = load("[kubelet]\nrestart = false\nmax_restarts_per_hour = 0\n[daemon]\nbackups = 10\n")
     assert (cfg.kubelet.restart, cfg.kubelet.max_restarts_per_hour, cfg.daemon.backups) == (
-        False,
+        "false",
         0,
         10,
     )
@@ -474,4 +476,25 @@ def test_unknown_layout_names_the_setting() -> None:
     """A layout that is not one of the six is a config error naming layout."""
     assert config_error('layout = "kops"') == (
         f"{WHERE}: layout: 'kops' is not one of auto, files, kubeconfig, kubeadm, k3s, rke2"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"), [("true", "true"), ("false", "false"), ('"auto"', "auto")]
+)
+def test_restart_modes(value: str, mode: str) -> None:
+    """[kubelet] restart takes true, false or "auto"."""
+    assert load(f"[kubelet]\nrestart = {value}\n").kubelet.restart == mode
+
+
+@pytest.mark.parametrize("value", ['"1.29.3"', '"v1.30"', '"1.29.3+k3s1"', '""'])
+def test_kubelet_version_setting(value: str) -> None:
+    """[kubelet] version takes a version like 1.29.3 (or "" for kubelet --version)."""
+    assert load(f"[kubelet]\nversion = {value}\n").kubelet.version == value.strip('"')
+
+
+def test_bad_kubelet_version_names_the_setting() -> None:
+    """A version that is not one is a config error naming kubelet.version."""
+    assert "kubelet.version: 'latest' is not a version" in config_error(
+        '[kubelet]\nversion = "latest"\n'
     )

@@ -78,6 +78,8 @@ SPEC_FINDINGS = {
 }
 # Codes about where the credentials live rather than what they are: tests/test_layout.py.
 LAYOUT_FINDINGS = {"cert-not-symlink": "error", "kubeconfig-invalid": "error"}
+# About kubelet and the clock, added by kubecertd.evidence: tests/test_evidence.py.
+KUBELET_FINDINGS = {"clock-unsynced": "error", "rotation-managed": "info"}
 
 
 def run(paths: SslDir, node: str = NODE, now: dt.datetime = NOW) -> Diagnosis:
@@ -296,7 +298,7 @@ def test_finding(code: str, tmp_path: Path) -> None:
 def test_codes_table_matches_spec() -> None:
     """CODES holds exactly SPEC's 21 codes, each with SPEC's severity and a non-empty hint."""
     assert {code: severity for code, (severity, _) in CODES.items()} == (
-        SPEC_FINDINGS | LAYOUT_FINDINGS
+        SPEC_FINDINGS | LAYOUT_FINDINGS | KUBELET_FINDINGS
     )
     assert all(hint.strip() for _, hint in CODES.values())
 
@@ -681,7 +683,7 @@ def test_ca_validity_boundaries(
 
 # -- the --json object -------------------------------------------------------------------
 
-FINDING_KEYS = {"code", "severity", "path", "message", "hint"}
+FINDING_KEYS = {"code", "severity", "path", "message", "hint", "kubelet_line"}
 CERTIFICATE_KEYS = {"subject", "serial", "not_before", "not_after", "node"}
 ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
@@ -697,7 +699,8 @@ def test_to_dict_matches_spec_example(tmp_path: Path) -> None:
     assert report["healthy"] is False
     (finding,) = report["findings"]
     assert set(finding) == FINDING_KEYS
-    assert all(isinstance(value, str) for value in finding.values())
+    assert finding["kubelet_line"] is None  # diagnose() reads no journal (kubecertd.evidence)
+    assert all(isinstance(finding[key], str) for key in FINDING_KEYS - {"kubelet_line"})
     assert finding["code"] == "cert-wrong-node"
     assert finding["severity"] == "error"
     assert finding["path"] == paths.cert

@@ -234,3 +234,71 @@ def test_embedded_kubeconfig_is_read_and_healed_in_place(tmp_path: Path) -> None
     assert document["preferences"] == {"colors": True}
     assert document["users"][0] == {"name": "admin", "user": {"token": "abc"}}
     assert os.stat(path).st_mode & 0o777 == 0o600 and units.restarts == 1
+
+
+def test_k3s_judges_against_its_client_ca_and_never_writes_it(tmp_path: Path) -> None:
+    """k3s signs client-kubelet.crt with client-ca.crt, not the kubeconfig's server CA: the
+    certificate is judged against the client CA, and a heal writes no CA file."""
+    agent = tmp_path / "agent"
+    agent.mkdir()
+    client_ca, server_ca = make_ca(), make_ca()
+    leaf = factories.issue(
+        client_ca,
+        cn_list=["system:node:someone-else"],
+        not_before=NOW - dt.timedelta(days=1),
+        not_after=NOW + dt.timedelta(days=29),
+    )
+    (agent / "client-ca.crt").write_bytes(client_ca.pem)
+    (agent / "server-ca.crt").write_bytes(server_ca.pem)
+    (agent / "client-kubelet.crt").write_bytes(leaf.pem)
+    (agent / "client-kubelet.key").write_bytes(leaf.key_pem)
+    (agent / "client-kubelet.key").chmod(0o600)
+    kubeconfig = agent / "kubelet.kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "clusters": [
+                    {
+                        "name": "local",
+                        "cluster": {
+                            "server": "https://127.0.0.1:6444",
+                            "certificate-authority": "server-ca.crt",
+                        },
+                    }
+                ],
+                "contexts": [{"name": "local", "context": {"cluster": "local", "user": "kubelet"}}],
+                "current-context": "local",
+                "users": [
+                    {
+                        "name": "kubelet",
+                        "user": {
+                            "client-certificate": "client-kubelet.crt",
+                            "client-key": "client-kubelet.key",
+                        },
+                    }
+                ],
+            }
+        )
+    )
+    cfg = config(tmp_path, f'layout = "k3s"\nkubeconfig = "{kubeconfig}"\n[kubelet]\nsettle = "0s"')
+    cfg = cfg._replace(
+        signer=cfg.signer._replace(
+            identity_cert=str(tmp_path / "state" / "identity.pem"),
+            identity_key=str(tmp_path / "state" / "identity-key.pem"),
+        )
+    )
+    layout = locate.find_layout(cfg, str(tmp_path / "root")).layout
+    assert layout.ca == Place(str(agent / "client-ca.crt")) and not layout.ca_writable
+    material = read_layout(layout)
+    diagnosis = diagnose(material, NODE, NOW, POLICY)
+    assert [f.code for f in diagnosis.findings] == ["cert-wrong-node"]
+    write_identity(cfg)
+    outcome = Healer(cfg, layout, FakeSigner(client_ca), FakeUnits()).heal(
+        diagnosis, material, "cert-wrong-node"
+    )
+    assert outcome.installed == (
+        str(agent / "client-kubelet.crt"),
+        str(agent / "client-kubelet.key"),
+    )
+    assert (agent / "server-ca.crt").read_bytes() == server_ca.pem
+    assert diagnose(read_layout(layout), NODE, NOW, POLICY).findings == ()
