@@ -4,11 +4,14 @@ One machine plays a worker, server2277z.prod.jp.local: systemd as PID 1 in its o
 namespaces with journald and the system bus, a kubelet and an API server that behave
 like the real ones where it matters, a real kubecertd-signer that adopted a freshly made
 cluster CA, and the shipped kubecertd.service enrolled with a one-time token.  Then it
-breaks the node three ways and shows kubecertd healing it.
+breaks the node three ways and shows kubecertd healing it.  A second throwaway node is a
+kubeadm worker (kubelet.conf, kubelet's certificate store, kubeadm's drop-in) that was
+powered off past its certificate's end: kubecertd finds that layout by itself and heals
+it in kubelet's own shape.
 
 Every step checks what it narrates and the demo exits 1 if anything did not happen.
 Without root or namespaces it tells the same story without systemd
-(``kubecertd --check --fix --no-restart``).
+(``kubecertd --check --fix --no-restart``, the kubeadm node as a folder tree).
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ from typing import Any
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "tests"))
 
-from healing_node import AGENT, KUBELET, HealingNode, node_of, serial_of  # noqa: E402
+from healing_node import (  # noqa: E402
+    AGENT,
+    KUBELET,
+    STORE,
+    STORE_CURRENT,
+    HealingNode,
+    Kubeadm,
+    node_of,
+    serial_of,
+)
 from node_harness import Node, unavailable_reason  # noqa: E402
 
 NODE = "server2277z.prod.jp.local"
@@ -112,6 +124,7 @@ class Story:
         note("Someone cleans up /etc/kubernetes/ssl a little too well: worker.pem and")
         note("worker-key.pem are gone.  kubelet can no longer talk to the API server.")
         started, renewed = time.time(), len(self.healing.events("renewed"))
+        restarts = len(self.healing.events("kubelet-restarted"))
         pid = self.healing.kubelet_pid()
         (self.node.ssl_dir / "worker.pem").unlink()
         (self.node.ssl_dir / "worker-key.pem").unlink()
@@ -127,6 +140,7 @@ class Story:
         note("checked the answer, installed the pair atomically and restarted kubelet:")
         event = self.healing.wait_event("renewed", after=renewed, timeout=30)
         new_pid = self.healing.wait_registered(other_than=pid, timeout=30)
+        self.healing.wait_event("kubelet-restarted", after=restarts, timeout=30)
         self.journal_since(started)
         after = self.check()
         expect("HEALTHY" in after, "the node is not healthy after the heal")
@@ -194,8 +208,91 @@ class Story:
         self.status_line()
 
 
+class KubeadmScene:
+    """A kubeadm worker powered off past its certificate's end, healed in kubelet's shape."""
+
+    def __init__(self, healing: HealingNode) -> None:
+        self.healing = healing
+        self.node = healing.node
+        self.story = Story(healing)
+        self.shape = healing.shape
+
+    def run(self) -> None:
+        say("4. A kubeadm node comes back after its certificate ran out")
+        node, name = self.node, self.healing.node_name
+        note("A second worker, set up as `kubeadm join` leaves it: kubeadm's drop-in for")
+        note("kubelet.service, /var/lib/kubelet/kubeadm-flags.env (--hostname-override),")
+        note("rotateCertificates: true, /etc/kubernetes/kubelet.conf naming kubelet's")
+        note("certificate store /var/lib/kubelet/pki, and no bootstrap kubeconfig: kubeadm")
+        note("deleted it after the join.  kubecertd.toml says nothing about any of this.")
+        expect(
+            not node.path("/etc/kubernetes/bootstrap-kubelet.conf").exists(),
+            "the node still has a bootstrap kubeconfig",
+        )
+        node.systemctl("stop", KUBELET, check=True)
+        now = dt.datetime.now(dt.timezone.utc)
+        written = now - dt.timedelta(hours=23)
+        old = self.healing.cluster.kubelet_pair(name, written, now - dt.timedelta(hours=1))
+        # The store as kubelet's last rotation before the power-off left it.
+        for stale in node.path(STORE).glob("kubelet-client-*.pem"):
+            stale.unlink()
+        self.healing.install_pair(old)
+        os.utime(node.path(node.resolve(STORE_CURRENT)), (written.timestamp(),) * 2)
+        note("The VM was deallocated overnight; its certificate (this cluster signs them")
+        note("for a day) ran out an hour before it came back.  kubelet rotates its")
+        note("certificate only while it is valid, and there is nothing left to bootstrap from:")
+        started = time.time()
+        node.systemctl("start", KUBELET, check=False)
+        first = self.story.kubelet_says(started, "expired")
+        show("journalctl -u kubelet", first)
+        last = self.story.kubelet_says(started, "command failed")
+        if last != first:
+            show("journalctl -u kubelet | tail -1", last)
+        note("Without kubecertd this node stays NotReady until someone re-joins it.")
+        note("kubecertd starts with the node.  What it finds by itself:")
+        before = self.story.check(full=True)
+        expect(
+            "layout: kubeadm (store), kubelet runs in kubelet.service" in before,
+            "--check did not find the kubeadm layout",
+        )
+        expect(f"node {name}" in before, "--check did not take kubelet's --hostname-override")
+        expect("cert-expired" in before, "--check did not report the expired certificate")
+        note("kubelet's unit, kubeadm's drop-in and kubeadm-flags.env gave kubelet.conf and")
+        note(f"the node name {name} (--hostname-override); kubelet.conf gave the store.")
+        note("The agent starts (systemctl start kubecertd), heals the store, restarts kubelet:")
+        renewed = len(self.healing.events("renewed"))
+        restarts = len(self.healing.events("kubelet-restarted"))
+        pid = self.healing.kubelet_pid()
+        self.healing.start_agent()
+        self.healing.wait_event("renewed", after=renewed, timeout=30)
+        new_pid = self.healing.wait_registered(other_than=pid, timeout=30)
+        self.healing.wait_event("kubelet-restarted", after=restarts, timeout=30)
+        self.story.journal_since(started)
+        note("A new timestamped file (0600: the chain, then the key) and a new symlink to it,")
+        note("renamed over kubelet-client-current.pem: what kubelet's own rotation writes.")
+        listing = node.run(
+            ["ls", "-l", "--time-style=+%Y-%m-%d %H:%M", "/var/lib/kubelet/pki"], check=True
+        ).stdout
+        show("ls -l /var/lib/kubelet/pki", listing, lambda line: "kubelet-client" in line)
+        problems = self.shape.installed(node)
+        expect(not problems, f"the store is not in kubelet's shape: {'; '.join(problems)}")
+        cert, _key = self.healing.pair()
+        expect(node_of(cert) == name, "the installed certificate is not for this node")
+        expect(serial_of(cert) != serial_of(old.pem), "the certificate was not replaced")
+        expect("HEALTHY" in self.story.check(), "the node is not healthy after the heal")
+        note(f"kubelet (PID {new_pid}) registered node {name}; from here kubelet rotates again.")
+
+
 def _verdict_lines(line: str) -> bool:
     return line.startswith(("HEALTHY", "UNHEALTHY")) or "ERROR" in line or "WARNING" in line
+
+
+def _layout_and_verdict(line: str) -> bool:
+    return _verdict_lines(line) or line.startswith(("layout:", "    found from"))
+
+
+def _fix_and_verdict(line: str) -> bool:
+    return _verdict_lines(line) or line.startswith("fix:")
 
 
 def _story(journal: str) -> str:
@@ -267,6 +364,16 @@ def with_systemd() -> None:
         story.vanish()
         story.seed()
         story.expiring()
+        healing.node.stop()  # its story is told; the machine has two cores
+        say("Setting up a second throwaway worker: a kubeadm node")
+        started = time.monotonic()
+        kubeadm = HealingNode.create(
+            factory, settle="2s", debounce="2s", shape=Kubeadm(), start_agent=False
+        )
+        note(
+            f"ready in {time.monotonic() - started:.1f}s; enrolled, kubecertd.service not started yet."
+        )
+        KubeadmScene(kubeadm).run()
 
 
 def without_systemd(reason: str) -> None:
@@ -290,14 +397,16 @@ def without_systemd(reason: str) -> None:
         )
         kubecertd = str(Path(sys.executable).with_name("kubecertd"))
 
-        def run(*args: str) -> subprocess.CompletedProcess[str]:
+        def run(
+            *args: str, config: Path = config, keep: Callable[[str], bool] = _verdict_lines
+        ) -> subprocess.CompletedProcess[str]:
             result = subprocess.run(
                 [kubecertd, *args, "--config", str(config)],
                 capture_output=True,
                 text=True,
                 check=False,
             )
-            show("kubecertd " + " ".join(args), result.stdout + result.stderr, _verdict_lines)
+            show("kubecertd " + " ".join(args), result.stdout + result.stderr, keep)
             return result
 
         expect(run("enroll", "--token", signer.token(NODE)).returncode == 0, "enroll failed")
@@ -331,6 +440,85 @@ def without_systemd(reason: str) -> None:
         run("--check", "--fix", "--no-restart")
         renewed = (root / "ssl" / "worker.pem").read_bytes()
         expect(serial_of(renewed) != serial_of(old.pem), "the certificate was not renewed")
+
+        say("4. A kubeadm node comes back after its certificate ran out")
+        note("A kubeadm worker's files in a folder of their own: kubelet.conf naming kubelet's")
+        note("certificate store, whose kubelet-client-current.pem ran out an hour ago, and no")
+        note("bootstrap kubeconfig.  With no kubelet unit to read here, the config names")
+        note(
+            'the kubeconfig: layout = "kubeconfig", kubeconfig = ".../etc/kubernetes/kubelet.conf".'
+        )
+        tree = root / "kubeadm"
+        expired = factories.issue(
+            cluster,
+            cn_list=[f"system:node:{NODE}"],
+            not_before=now - dt.timedelta(hours=23),
+            not_after=now - dt.timedelta(hours=1),
+        )
+        kubeconfig, store = _kubeadm_tree(tree, cluster.pem, expired.pem + expired.key_pem, now)
+        kubeadm_config = root / "kubeadm.toml"
+        kubeadm_config.write_text(
+            config.read_text().replace(
+                f'ssl_dir = "{root / "ssl"}"\n',
+                f'layout = "kubeconfig"\nkubeconfig = "{kubeconfig}"\n',
+            )
+        )
+        before = run("--check", config=kubeadm_config, keep=_layout_and_verdict).stdout
+        expect("layout: kubeconfig (store)" in before, "--check did not find kubelet's store")
+        expect("cert-expired" in before, "--check did not report the expired certificate")
+        fixed = run(
+            "--check", "--fix", "--no-restart", config=kubeadm_config, keep=_fix_and_verdict
+        )
+        expect(fixed.returncode == 0, "--fix did not heal")
+        listing = subprocess.run(
+            ["ls", "-l", "--time-style=+%Y-%m-%d %H:%M", str(store)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        show(f"ls -l {store}", listing, lambda line: "kubelet-client" in line)
+        current = store / "kubelet-client-current.pem"
+        expect(current.is_symlink(), "kubelet-client-current.pem is not a symlink")
+        target = Path(os.readlink(current))
+        expect(
+            target.is_absolute() and target.parent == store,
+            f"kubelet-client-current.pem points at {target}, not at a file of the store",
+        )
+        expect(target.stat().st_mode & 0o777 == 0o600, f"{target} is not 0600")
+        cert = current.read_bytes()
+        expect(node_of(cert) == NODE, "the installed certificate is not for this node")
+        expect(serial_of(cert) != serial_of(expired.pem), "the certificate was not replaced")
+
+
+def _kubeadm_tree(
+    tree: Path, ca_pem: bytes, combined: bytes, now: dt.datetime
+) -> tuple[Path, Path]:
+    """kubelet.conf and kubelet's store under ``tree``, as `kubeadm join` and kubelet's
+    rotation leave them (the store's file named after ``now``, its symlink absolute)."""
+    import base64  # noqa: PLC0415
+
+    store = tree / "var/lib/kubelet/pki"
+    store.mkdir(parents=True)
+    written = now - dt.timedelta(hours=23)
+    stamped = store / f"kubelet-client-{written:%Y-%m-%d-%H-%M-%S}.pem"
+    stamped.write_bytes(combined)
+    stamped.chmod(0o600)
+    os.utime(stamped, (written.timestamp(), written.timestamp()))
+    (store / "kubelet-client-current.pem").symlink_to(stamped)
+    kubeconfig = tree / "etc/kubernetes/kubelet.conf"
+    kubeconfig.parent.mkdir(parents=True)
+    current = store / "kubelet-client-current.pem"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n"
+        f"    certificate-authority-data: {base64.b64encode(ca_pem).decode()}\n"
+        "    server: https://10.0.0.10:6443\n  name: default-cluster\n"
+        "contexts:\n- context:\n    cluster: default-cluster\n    namespace: default\n"
+        "    user: default-auth\n  name: default-context\ncurrent-context: default-context\n"
+        f"users:\n- name: default-auth\n  user:\n    client-certificate: {current}\n"
+        f"    client-key: {current}\n"
+    )
+    kubeconfig.chmod(0o600)
+    return kubeconfig, store
 
 
 def main() -> int:

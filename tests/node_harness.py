@@ -8,7 +8,8 @@
 
 Each node is systemd 252 as PID 1 of its own PID/mount/network/UTS/IPC/cgroup
 namespaces, with only the units of tools/node/units/ (journald, the system bus, stub
-targets, kubelet.service, fake-apiserver.service) plus any ``extra_units``. Its
+targets, kubelet.service, fake-apiserver.service, the timedated stand-in) but those
+left ``without``, plus any ``extra_units``. Its
 /etc/kubernetes/ssl is ``node.ssl_dir`` on the host and /etc/kubernetes/apiserver is
 ``node.apiserver_dir``; any other path of the node is reachable from the host through
 ``node.path()`` (``/proc/PID/root/…``), which ``read_file``/``write_file`` use.
@@ -30,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import pytest
@@ -84,6 +85,7 @@ class Node:
     hostname: str
     dir: Path
     extra_units: Sequence[Path] = ()
+    without: Sequence[str] = ()  # units of tools/node/units/ left out (NODE_WITHOUT_UNITS)
     wants: Sequence[str] = ()
     binds: Sequence[str | tuple[Path | str, str] | tuple[Path | str, str, str]] = ()
     overlays: Sequence[str] = ()
@@ -110,6 +112,7 @@ class Node:
             "NODE_OWNER_PID": str(os.getpid()),
             "NODE_BOOT_TIMEOUT": str(self.boot_timeout),
             "NODE_EXTRA_UNITS": ":".join(str(p) for p in self.extra_units),
+            "NODE_WITHOUT_UNITS": " ".join(self.without),
             "NODE_WANTS": " ".join(self.wants),
             "NODE_BINDS": "\n".join(self._bind_specs()),
             "NODE_OVERLAYS": " ".join(self.overlays),
@@ -296,8 +299,8 @@ class Node:
     def wait_for_message(self, unit: str, text: str, timeout: float = 10.0) -> str:
         """Waits until a journal message of ``unit`` contains ``text``; returns it."""
 
-        def find() -> str | None:
-            return next((m for m in self.messages(unit) if text in m), None)
+        def find() -> str:  # "" (falsy) until it is there
+            return next((m for m in self.messages(unit) if text in m), "")
 
         return self.wait_for(find, timeout, what=f"{text!r} in the journal of {unit}")
 
@@ -321,7 +324,29 @@ class Node:
             target.chmod(mode)
 
     def read_file(self, node_path: str | os.PathLike[str]) -> bytes:
-        return self.path(node_path).read_bytes()
+        """The content of ``node_path``, symlinks followed as the node sees them."""
+        return self.path(self.resolve(node_path)).read_bytes()
+
+    def resolve(self, node_path: str | os.PathLike[str]) -> str:
+        """``node_path`` with every symlink followed inside the node: an absolute target
+        (kubelet's store symlink has one) names the node's file, not the host's."""
+        parts = list(PurePosixPath(node_path).parts[1:])
+        done, hops = "/", 0
+        while parts:
+            part = parts.pop(0)
+            candidate = os.path.join(done, part)
+            if part in (".", ".."):
+                done = os.path.dirname(done) if part == ".." else done
+            elif self.path(candidate).is_symlink():
+                hops += 1
+                if hops > 40:  # the kernel's limit
+                    raise NodeHarnessError(f"{node_path}: too many levels of symbolic links")
+                target = PurePosixPath(os.readlink(self.path(candidate)))
+                done = "/" if target.is_absolute() else done
+                parts = [*target.parts[1 if target.is_absolute() else 0 :], *parts]
+            else:
+                done = candidate
+        return done
 
     # --- internals -------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ Environment knobs (all optional):
 
 NODE_EXTRA_UNITS   colon-separated folders whose unit files (and drop-in folders) are
                    copied into the node's unit folder, after tools/node/units/
+NODE_WITHOUT_UNITS space-separated unit files of tools/node/units/ the node goes without
+                   (e.g. kubelet.service on a node whose kubelet runs in k3s-agent.service)
 NODE_WANTS         space-separated units to start at boot (linked into node.target.wants)
 NODE_BINDS         newline-separated "SRC:DST[:ro]" bind mounts into the node
 NODE_OVERLAYS      extra host folders given a throwaway writable overlay (e.g. /usr/bin);
@@ -185,11 +187,17 @@ def _install_units(node_dir: Path, project: Path, venv: Path, hostname: str) -> 
     }
     sources = [nodelib.TOOLS / "units"]
     sources += [Path(p) for p in os.environ.get("NODE_EXTRA_UNITS", "").split(":") if p]
+    without = set(os.environ.get("NODE_WITHOUT_UNITS", "").split())
+    for name in sorted(without):
+        if not (sources[0] / name).is_file():
+            raise NodeError(f"NODE_WITHOUT_UNITS names {name}, which is not in {sources[0]}")
     for source in sources:
         if not source.is_dir():
             raise NodeError(f"unit folder {source} does not exist")
         for path in sorted(source.rglob("*")):
             target = units / path.relative_to(source)
+            if source == sources[0] and path.name in without:
+                continue
             if path.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue

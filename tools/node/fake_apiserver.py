@@ -169,7 +169,7 @@ class Handler(BaseHTTPRequestHandler):
         self._decide(match["name"], verb, self._body())
 
     def _decide(self, node: str, verb: str, body: dict[str, Any]) -> None:
-        cert = self.connection.getpeercert()  # type: ignore[attr-defined]
+        cert = self.connection.getpeercert()
         cn, orgs = subject_of(cert or {})
         serial = str((cert or {}).get("serialNumber", "")).lower().lstrip("0")
         allowed = allowed_serials()

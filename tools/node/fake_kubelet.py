@@ -1,33 +1,59 @@
 #!/usr/bin/env python3
 """tools/node/fake-kubelet — a kubelet stand-in that fails where kubelet fails.
 
-Like a kube-aws/CoreOS kubelet whose kubeconfig names /etc/kubernetes/ssl/{ca.pem,
-worker.pem,worker-key.pem}:
+Where it finds its credentials:
 
-1. At start it reads the three files. A missing or unreadable file, a file without
-   PEM data, or a key that is not the certificate's key ends it with status 1 and one
-   kubelet-like error line on stderr (``failed to run Kubelet: …``), as does a
-   certificate outside its validity.
+- ``--kubeconfig PATH`` absent: like a kube-aws/CoreOS kubelet whose kubeconfig names
+  ``--ssl-dir``'s ca.pem, worker.pem and worker-key.pem (/etc/kubernetes/ssl).
+- ``--kubeconfig PATH``: as kubelet reads it (client-go's clientcmd and certificate
+  store). The current context's user gives ``client-certificate``/``client-key`` (files;
+  a relative path is joined to the kubeconfig's folder) or ``*-data`` (base64; data wins
+  over a file), its cluster ``certificate-authority(-data)`` and ``server`` (unless
+  ``--server`` is given). With rotation on (``--rotate-certificates``, or
+  ``rotateCertificates: true`` in ``--config``), kubelet's certificate store comes
+  first: ``<--cert-dir>/kubelet-client-current.pem`` (chain and key in one file), then
+  the kubeconfig's files, then ``<--cert-dir>/kubelet-client.crt``/``.key``, then the
+  kubeconfig's data. With ``--bootstrap-kubeconfig`` too, an unusable or expired
+  kubeconfig is reported as kubelet's bootstrap code does (``part of the existing
+  bootstrap client certificate in … is expired: …``) and, the bootstrap kubeconfig being
+  gone (kubeadm deletes it), ends it (``unable to load bootstrap kubeconfig: stat …``);
+  the stand-in never bootstraps. Without rotation the store is not read at all, as
+  kubelet does not read it then (only through the kubeconfig's file paths).
+
+Then:
+
+1. A missing or unreadable credential, one without PEM data, a key that is not the
+   certificate's key, or a certificate outside its validity ends it with status 1 and
+   one kubelet-like error line on stderr (``failed to run Kubelet: …``), with kubelet's
+   own wording where it has one. With rotation on, a regular file where the store keeps
+   its ``kubelet-client-current.pem`` symlink is logged as kubelet's next rotation
+   would fail (``expected "…" to be a symlink but it is a file``) and, as in kubelet,
+   does not stop it.
 2. It updates its node's status over mutual TLS (``PATCH /api/v1/nodes/NAME/status``;
    NAME is ``--hostname-override`` or the lowercased hostname, kubelet's default). A
    refusal (``nodes "A" is forbidden: node "B" cannot modify node "A"``), a failed
    handshake or an API server unreachable for ``--register-timeout`` ends it with
    status 1. On success it prints ``registered node NAME``.
-3. It keeps running: every ``--heartbeat`` it re-reads the files, checks them again and
-   posts a heartbeat with the current pair; any failure ends it with status 1 (so a
-   kubelet whose files go bad while it runs fails, as a restarted one would).
+3. It keeps running: every ``--heartbeat`` it reads its credentials again, checks them
+   and posts a heartbeat with them; any failure ends it with status 1 (so a kubelet
+   whose credentials go bad while it runs fails, as a restarted one would).
 
-SIGTERM ends it with status 0. Stdlib ssl only; the venv's cryptography (when
-importable) adds the validity-date check.
+SIGTERM ends it with status 0. Stdlib ssl; the venv's PyYAML reads kubeconfigs and the
+venv's cryptography (when importable) adds the validity-date check. Flags kubeadm's
+drop-in passes that mean nothing here (``--container-runtime-endpoint``, ``--v``, …) are
+accepted and ignored; any other unknown flag is an error, as in kubelet.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import datetime as dt
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -35,13 +61,35 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 UTC = dt.timezone.utc
+STORE_CURRENT = "kubelet-client-current.pem"
+# Go's pem.Decode: a block is BEGIN, base64 body and the matching END line.
+PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
+# OpenSSL's verify codes in Go's crypto/x509 words (x509.UnknownAuthorityError, …).
+GO_VERIFY_ERRORS = dict.fromkeys(
+    (2, 18, 19, 20, 21), "x509: certificate signed by unknown authority"
+) | {
+    9: "x509: certificate has expired or is not yet valid",
+    10: "x509: certificate has expired or is not yet valid",
+}
+VERSION = "v1.30.2"  # what --version answers, in kubelet's words
+IGNORED_FLAGS = (
+    "--container-runtime-endpoint",
+    "--pod-infra-container-image",
+    "--node-ip",
+    "--v",
+)
 
 
 class KubeletError(Exception):
     """The kubelet cannot go on; the message is the error it logs before exiting 1."""
+
+
+class KubeletExit(KubeletError):
+    """An exit kubelet logs in its own words (not as ``failed to run Kubelet: …``)."""
 
 
 def klog(level: str, where: str, message: str) -> None:
@@ -60,84 +108,422 @@ def parse_duration(text: str) -> float:
     return float(text)
 
 
-class Credentials:
-    """The kubeconfig's three files, checked the way client-go loads them."""
+def go_time(when: dt.datetime) -> str:
+    """A time as Go's ``%v`` prints it: ``2026-05-02 10:00:00 +0000 UTC``."""
+    return f"{when.astimezone(UTC):%Y-%m-%d %H:%M:%S} +0000 UTC"
 
-    def __init__(self, ssl_dir: Path) -> None:
-        self.ca = ssl_dir / "ca.pem"
-        self.cert = ssl_dir / "worker.pem"
-        self.key = ssl_dir / "worker-key.pem"
+
+def strerror(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+# --- the credentials, wherever they are ----------------------------------------------
+
+
+class Ref(NamedTuple):
+    """One credential as a kubeconfig names it: a file or embedded data."""
+
+    what: str  # clientcmd's word: client-cert, client-key, certificate-authority
+    owner: str  # the user (or cluster) that names it
+    path: str | None = None
+    data: bytes | None = None
+
+    def read(self) -> bytes:
+        """Its bytes; KubeletError in clientcmd's words when the file cannot be read."""
+        if self.data is not None or self.path is None:
+            return self.data or b""
+        try:
+            return Path(self.path).read_bytes()
+        except OSError as exc:
+            raise KubeletError(
+                f"invalid kubeconfig: unable to read {self.what} {self.path} for {self.owner} "
+                f"due to open {self.path}: {strerror(exc)}"
+            ) from None
+
+
+class ClientConfig(NamedTuple):
+    """What kubelet's client config holds: server, CA and client certificate and key."""
+
+    source: str  # the kubeconfig (or the --ssl-dir)
+    server: str | None
+    ca: Ref | None
+    cert: Ref | None
+    key: Ref | None
+
+
+class Pair(NamedTuple):
+    """A client certificate chain and key, checked the way Go's tls.X509KeyPair does."""
+
+    chain: list[bytes]  # PEM blocks, leaf first
+    key: bytes  # one PEM block
+    source: str
+
+
+def legacy_config(ssl_dir: Path) -> ClientConfig:
+    """The kube-aws kubeconfig: three files of ``ssl_dir``."""
+    return ClientConfig(
+        str(ssl_dir),
+        None,
+        Ref("certificate-authority", "default-cluster", str(ssl_dir / "ca.pem")),
+        Ref("client-cert", "default-auth", str(ssl_dir / "worker.pem")),
+        Ref("client-key", "default-auth", str(ssl_dir / "worker-key.pem")),
+    )
+
+
+def load_kubeconfig(path: str) -> ClientConfig:
+    """The current context of the kubeconfig at ``path``; KubeletError as clientcmd says it."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise KubeletError(f"stat {path}: {strerror(exc)}") from None
+    import yaml  # noqa: PLC0415 - from the venv; only kubeconfig mode needs it
+
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())
+        raise KubeletError(f'error loading config file "{path}": yaml: {problem}') from None
+    if not isinstance(doc, dict):
+        raise KubeletError(f'error loading config file "{path}": not a kubeconfig')
+    context_name = str(doc.get("current-context") or "")
+    context = _named(doc, "contexts", "context", context_name)
+    if not context_name or context is None:
+        raise KubeletError(
+            f"invalid configuration: context was not found for specified context: {context_name}"
+        )
+    cluster_name, user_name = str(context.get("cluster") or ""), str(context.get("user") or "")
+    cluster = _named(doc, "clusters", "cluster", cluster_name)
+    if cluster is None:
+        raise KubeletError(
+            f"invalid configuration: cluster has no server defined ({cluster_name!r} not found)"
+        )
+    user = _named(doc, "users", "user", user_name) or {}
+    folder = os.path.dirname(os.path.abspath(path))
+
+    def ref(spec: dict[str, Any], field: str, what: str, owner: str) -> Ref | None:
+        data = spec.get(f"{field}-data")
+        if data:  # data wins over a file (clientcmd: "client-cert-data will override")
+            try:
+                raw = base64.b64decode(str(data).replace("\n", "").replace("\r", ""), validate=True)
+            except (binascii.Error, ValueError):
+                raise KubeletError(
+                    f'error loading config file "{path}": illegal base64 data in {field}-data'
+                ) from None
+            return Ref(what, owner, None, raw)
+        name = spec.get(field)
+        if name:
+            return Ref(what, owner, os.path.join(folder, str(name)))
+        return None
+
+    return ClientConfig(
+        path,
+        str(cluster.get("server") or "") or None,
+        ref(cluster, "certificate-authority", "certificate-authority", cluster_name),
+        ref(user, "client-certificate", "client-cert", user_name),
+        ref(user, "client-key", "client-key", user_name),
+    )
+
+
+def _named(doc: dict[str, Any], section: str, inner: str, name: str) -> dict[str, Any] | None:
+    for entry in doc.get(section) or ():
+        if isinstance(entry, dict) and entry.get("name") == name:
+            value = entry.get(inner)
+            return value if isinstance(value, dict) else {}
+    return None
+
+
+def key_pair(cert_pem: bytes, key_pem: bytes, source: str) -> Pair:
+    """Go's ``tls.X509KeyPair`` block rules and messages (the key match is checked later)."""
+    chain, skipped = [], []
+    for match in PEM_BLOCK.finditer(cert_pem):
+        if match[1] == b"CERTIFICATE":
+            chain.append(match[0])
+        else:
+            skipped.append(match[1].decode())
+    if not chain:
+        if not skipped:
+            raise KubeletError("tls: failed to find any PEM data in certificate input")
+        if len(skipped) == 1 and skipped[0].endswith("PRIVATE KEY"):
+            raise KubeletError(
+                "tls: failed to find certificate PEM data in certificate input, but did find "
+                "a private key; PEM inputs may have been switched"
+            )
+        raise KubeletError(
+            'tls: failed to find "CERTIFICATE" PEM block in certificate input after skipping '
+            f"PEM blocks of the following types: [{' '.join(skipped)}]"
+        )
+    skipped = []
+    for match in PEM_BLOCK.finditer(key_pem):
+        kind = match[1].decode()
+        if kind == "PRIVATE KEY" or kind.endswith(" PRIVATE KEY"):
+            return Pair(chain, match[0], source)
+        skipped.append(kind)
+    if not skipped:
+        raise KubeletError("tls: failed to find any PEM data in key input")
+    if skipped == ["CERTIFICATE"]:
+        raise KubeletError(
+            "tls: found a certificate rather than a key in the PEM for the private key"
+        )
+    raise KubeletError(
+        'tls: failed to find PEM block with type ending in "PRIVATE KEY" in key input after '
+        f"skipping PEM blocks of the following types: [{' '.join(skipped)}]"
+    )
+
+
+def not_after(pair: Pair) -> dt.datetime | None:
+    """The leaf's notAfter (None without the venv's cryptography)."""
+    dates = validity(pair.chain[0])
+    return dates[1] if dates else None
+
+
+def validity(cert_pem: bytes) -> tuple[dt.datetime, dt.datetime] | None:
+    try:
+        from cryptography import x509  # noqa: PLC0415 - optional, from the venv
+    except ImportError:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise KubeletError(
+            "tls: failed to parse certificate from server: x509: malformed certificate"
+        ) from None
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
+
+
+def check_dates(pair: Pair) -> None:
+    dates = validity(pair.chain[0])
+    if dates is None:
+        return
+    now = dt.datetime.now(UTC)
+    not_before, after = dates
+    if now > after or now < not_before:
+        when = "after" if now > after else "before"
+        bound = after if now > after else not_before
+        raise KubeletError(
+            "x509: certificate has expired or is not yet valid: current time "
+            f"{now:%Y-%m-%dT%H:%M:%SZ} is {when} {bound:%Y-%m-%dT%H:%M:%SZ}"
+        )
+
+
+def tls_context(ca_pem: bytes | None, ca_where: str, pair: Pair) -> ssl.SSLContext:
+    """A client TLS context for ``pair``, trusting ``ca_pem`` (system roots when None)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_pem is None:
+        context.load_default_certs()
+    else:
+        if not PEM_BLOCK.search(ca_pem):
+            raise KubeletError(
+                f"unable to load root certificates: unable to parse bytes as PEM block ({ca_where})"
+            )
+        try:
+            context.load_verify_locations(cadata=ca_pem.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise KubeletError(f"unable to load root certificates: {exc}") from None
+    load_pair(context, pair)
+    return context
+
+
+def load_pair(context: ssl.SSLContext, pair: Pair) -> None:
+    """The chain and key into ``context``; KubeletError as Go's tls.X509KeyPair says it."""
+    # One anonymous file: embedded data never touches the disk.
+    fd = os.memfd_create("kubelet-client", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, b"\n".join([*pair.chain, pair.key]) + b"\n")
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise KubeletError("tls: private key does not match public key") from None
+        raise KubeletError(f"tls: failed to parse private key: {exc}") from None
+    finally:
+        os.close(fd)
+
+
+def checked_pair(cert_pem: bytes, key_pem: bytes, source: str) -> Pair:
+    """``key_pair`` plus the key match, as tls.X509KeyPair checks both."""
+    pair = key_pair(cert_pem, key_pem, source)
+    load_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), pair)
+    return pair
+
+
+def expired(pair: Pair) -> bool:
+    after = not_after(pair)
+    return after is not None and dt.datetime.now(UTC) > after
+
+
+class Credentials:
+    """Where this kubelet takes its client certificate from, read again on each load()."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.kubeconfig: str | None = args.kubeconfig or None
+        self.ssl_dir = Path(args.ssl_dir)
+        self.cert_dir = Path(args.cert_dir)
+        self.bootstrap: str | None = args.bootstrap_kubeconfig or None
+        self.rotate = args.rotate_certificates or rotation_in(args.config)
+        self.server: str | None = None
+        self.loads = 0
 
     def load(self) -> ssl.SSLContext:
-        """A client TLS context with the current files, or KubeletError."""
-        for path, what, owner in (
-            (self.ca, "certificate-authority", "default-cluster"),
-            (self.cert, "client-cert", "default-auth"),
-            (self.key, "client-key", "default-auth"),
-        ):
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise KubeletError(
-                    f"invalid kubeconfig: unable to read {what} {path} for {owner} due to "
-                    f"open {path}: {(exc.strerror or str(exc)).lower()}"
-                ) from None
-            if b"-----BEGIN" not in data:
-                kind = {"client-cert": "certificate", "client-key": "key"}.get(what)
-                if kind:
-                    raise KubeletError(f"tls: failed to find any PEM data in {kind} input")
-                raise KubeletError(
-                    f"unable to load root certificates: unable to parse bytes as PEM block ({path})"
-                )
-        self._check_dates()
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_verify_locations(str(self.ca))
-        except (ssl.SSLError, OSError) as exc:
-            raise KubeletError(f"unable to load root certificates: {exc}") from None
-        try:
-            context.load_cert_chain(str(self.cert), str(self.key))
-        except ssl.SSLError as exc:
-            if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
-                raise KubeletError("tls: private key does not match public key") from None
-            raise KubeletError(f"tls: failed to load client certificate/key: {exc}") from None
-        except OSError as exc:
-            raise KubeletError(f"tls: failed to load client certificate/key: {exc}") from None
-        return context
+        """A client TLS context with the current credentials, or KubeletError."""
+        self.loads += 1
+        if self.kubeconfig is None:
+            config = legacy_config(self.ssl_dir)
+        elif self.rotate:
+            return self._rotating(self.kubeconfig)
+        else:  # server.go: bootstrap.LoadClientCert, then clientcmd alone
+            config = self._bootstrapped(self.kubeconfig, "invalid kubeconfig")
+        self.server = config.server
+        return self._context(config, self._from_config(config))
 
-    def _check_dates(self) -> None:
+    def _bootstrapped(self, kubeconfig: str, wrap: str) -> ClientConfig:
+        """The kubeconfig, once bootstrap.go has judged it when --bootstrap-kubeconfig is
+        given: unreadable or expired, kubelet turns to the bootstrap kubeconfig, and the
+        stand-in ends there (kubeadm has deleted it; the stand-in never bootstraps)."""
+        config: ClientConfig | None
         try:
-            from cryptography import x509  # noqa: PLC0415 - optional, from the venv
-        except ImportError:
-            return
-        try:
-            cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
-        except (ValueError, OSError):
+            config = load_kubeconfig(kubeconfig)
+        except KubeletError as exc:
+            if self.bootstrap is None:
+                raise KubeletError(f"{wrap}: {exc}") from None
+            config = None
+            if os.path.exists(kubeconfig):
+                unhandled(
+                    f"unable to read existing bootstrap client config from {kubeconfig}: {exc}"
+                )
+        if config is None or (self.bootstrap and not self._still_valid(config)):
+            bootstrap = self.bootstrap or ""  # config is None only with a bootstrap kubeconfig
+            if not os.path.exists(bootstrap):
+                raise KubeletError(
+                    f"unable to load bootstrap kubeconfig: stat {bootstrap}: no such file or directory"
+                )
             raise KubeletError(
-                "tls: failed to parse certificate from server: x509: malformed certificate"
-            ) from None
-        now = dt.datetime.now(UTC)
-        not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
-        if now > not_after or now < not_before:
-            when = "after" if now > not_after else "before"
-            bound = not_after if now > not_after else not_before
-            raise KubeletError(
-                "x509: certificate has expired or is not yet valid: current time "
-                f"{now:%Y-%m-%dT%H:%M:%SZ} is {when} {bound:%Y-%m-%dT%H:%M:%SZ}"
+                f"the kubelet stand-in cannot bootstrap from {bootstrap}; give it credentials"
             )
+        return config
+
+    def _from_config(self, config: ClientConfig) -> Pair:
+        """clientcmd: the kubeconfig's own certificate and key (files or data)."""
+        if config.cert is None or config.key is None:
+            raise KubeletError(
+                f"invalid kubeconfig: no client certificate and key for the current context of {config.source}"
+            )
+        for ref in (config.ca, config.cert, config.key):
+            if ref is not None:
+                ref.read()  # clientcmd's validation reads every file first
+        return checked_pair(config.cert.read(), config.key.read(), config.source)
+
+    def _context(self, config: ClientConfig, pair: Pair) -> ssl.SSLContext:
+        check_dates(pair)
+        ca = config.ca
+        return tls_context(
+            ca.read() if ca else None, (ca.path or config.source) if ca else "", pair
+        )
+
+    def _rotating(self, kubeconfig: str) -> ssl.SSLContext:
+        """kubelet with client rotation: bootstrap's checks, then the certificate store."""
+        config = self._bootstrapped(kubeconfig, "unable to load kubeconfig")
+        self.server = config.server
+        pair = self._store(config)
+        if pair is not None and expired(pair):
+            pair = None  # certificate_manager.go getCurrentCertificateOrBootstrap
+        if pair is None and config.cert and config.cert.data is not None:
+            pair = self._from_config(config)  # kubeadm's bootstrap pair, embedded
+        if pair is None:
+            raise KubeletExit(
+                "No valid client certificate is found and the server is responsive, exiting."
+            )
+        if expired(pair):
+            raise KubeletExit(
+                "The currently active client certificate has expired and the server is responsive, exiting."
+            )
+        return self._context(config, pair)
+
+    def _still_valid(self, config: ClientConfig) -> bool:
+        """bootstrap.go's ``isClientConfigStillValid``: loadable, and notAfter not passed."""
+        try:
+            pair = self._from_config(config)
+        except KubeletError as exc:
+            unhandled(
+                f"unable to load TLS configuration from existing bootstrap client config read from {self.kubeconfig}: {exc}"
+            )
+            return False
+        after = not_after(pair)
+        if after is not None and dt.datetime.now(UTC) > after:
+            unhandled(
+                f"part of the existing bootstrap client certificate in {self.kubeconfig} is expired: {go_time(after)}"
+            )
+            return False
+        return True
+
+    def _store(self, config: ClientConfig) -> Pair | None:
+        """client-go's ``fileStore.Current``: the store's file, the kubeconfig's files, the
+        store's ``kubelet-client.crt``/``.key``; None when it has none (kubelet would then
+        copy the kubeconfig's data into the store; the stand-in only uses it)."""
+        current = self.cert_dir / STORE_CURRENT
+        if current.exists():
+            if self.loads == 1:
+                if not current.is_symlink():
+                    unhandled(
+                        f'Unable to store the new cert/key pair: expected "{current}" to be a symlink but it is a file'
+                    )
+                klog("I", "certificate_store.go:130", f'Loading cert/key pair from "{current}".')
+            return self._load_file(current)
+        cert, key = config.cert, config.key
+        files = [r.path for r in (cert, key) if r is not None and r.path is not None]
+        if cert and key and len(files) == 2 and all(os.path.exists(f) for f in files):
+            return checked_pair(cert.read(), key.read(), files[0])
+        crt, pem_key = self.cert_dir / "kubelet-client.crt", self.cert_dir / "kubelet-client.key"
+        if crt.exists() and pem_key.exists():
+            return checked_pair(crt.read_bytes(), pem_key.read_bytes(), str(crt))
+        return None
+
+    def _load_file(self, path: Path) -> Pair:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise KubeletError(
+                f'failed to initialize client certificate manager: could not load cert/key pair from "{path}": {strerror(exc)}'
+            ) from None
+        try:
+            return checked_pair(data, data, str(path))
+        except KubeletError as exc:
+            raise KubeletError(
+                f'failed to initialize client certificate manager: could not convert data from "{path}" into cert/key pair: {exc}'
+            ) from None
+
+
+def unhandled(message: str) -> None:
+    """utilruntime.HandleError: logged, not fatal."""
+    escaped = message.replace('"', '\\"')
+    klog("E", "runtime.go:79", f'"Unhandled Error" err="{escaped}"')
+
+
+def rotation_in(config: str | None) -> bool:
+    """``rotateCertificates`` of a KubeletConfiguration file (``--config``)."""
+    if not config:
+        return False
+    try:
+        text = Path(config).read_text()
+    except OSError as exc:
+        raise SystemExit(f"failed to load kubelet config file, path: {config}: {exc}") from None
+    import yaml  # noqa: PLC0415 - from the venv
+
+    doc = yaml.safe_load(text) or {}
+    return isinstance(doc, dict) and doc.get("rotateCertificates") is True
 
 
 class Kubelet:
     def __init__(self, args: argparse.Namespace) -> None:
         self.node = (args.hostname_override or socket.gethostname()).lower()
-        self.creds = Credentials(Path(args.ssl_dir))
-        url = urlsplit(args.server)
-        self.host, self.port = url.hostname or "127.0.0.1", url.port or 443
-        self.server = args.server.rstrip("/")
+        self.creds = Credentials(args)
+        self.server_flag: str | None = args.server
         self.heartbeat = parse_duration(args.heartbeat)
         self.register_timeout = parse_duration(args.register_timeout)
         self.stopping = threading.Event()
+
+    @property
+    def server(self) -> str:
+        return (self.server_flag or self.creds.server or "https://127.0.0.1:6443").rstrip("/")
 
     def update_status(self, context: ssl.SSLContext) -> None:
         """PATCH the node's status with the given credentials; KubeletError when refused."""
@@ -150,7 +536,9 @@ class Kubelet:
                 }
             }
         )
-        connection = http.client.HTTPSConnection(self.host, self.port, context=context, timeout=5)
+        url = urlsplit(self.server)
+        host, port = url.hostname or "127.0.0.1", url.port or 443
+        connection = http.client.HTTPSConnection(host, port, context=context, timeout=5)
         try:
             connection.request(
                 "PATCH",
@@ -160,6 +548,11 @@ class Kubelet:
             )
             response = connection.getresponse()
             data = response.read()
+        except ssl.SSLCertVerificationError as exc:
+            why = GO_VERIFY_ERRORS.get(exc.verify_code, f"x509: {exc.verify_message}")
+            raise KubeletError(
+                f'Patch "{self.server}{path}": tls: failed to verify certificate: {why}'
+            ) from None
         except ssl.SSLError as exc:
             raise KubeletError(f'Patch "{self.server}{path}": remote error: {exc}') from None
         finally:
@@ -213,6 +606,9 @@ class Kubelet:
                     klog("E", "kubelet_node_status.go:540", f"Error updating node status: {exc}")
                     if time.monotonic() - failing_since > self.register_timeout:
                         raise KubeletError(f"Unable to update node status: {exc}") from None
+        except KubeletExit as exc:
+            klog("E", "transport.go:108", str(exc))
+            return 1
         except KubeletError as exc:
             klog("E", "run.go:74", f"command failed: failed to run Kubelet: {exc}")
             return 1
@@ -220,13 +616,30 @@ class Kubelet:
         return 0
 
 
+def go_bool(text: str) -> bool:
+    """A Go bool flag's value (``--rotate-certificates`` alone is true)."""
+    if text in ("1", "t", "T", "true", "TRUE", "True"):
+        return True
+    if text in ("0", "f", "F", "false", "FALSE", "False"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fake-kubelet", description=__doc__.split("\n")[0])
     parser.add_argument("--ssl-dir", default="/etc/kubernetes/ssl")
-    parser.add_argument("--server", default="https://127.0.0.1:6443")
+    parser.add_argument("--kubeconfig", default="")
+    parser.add_argument("--bootstrap-kubeconfig", default="")
+    parser.add_argument("--cert-dir", default="/var/lib/kubelet/pki")
+    parser.add_argument("--config", default="", help="KubeletConfiguration (rotateCertificates)")
+    parser.add_argument("--rotate-certificates", nargs="?", const=True, default=False, type=go_bool)
+    parser.add_argument("--server", default=None, help="default: the kubeconfig's server")
     parser.add_argument("--hostname-override", default="")
     parser.add_argument("--heartbeat", default="2s", help="node status update frequency")
     parser.add_argument("--register-timeout", default="10s")
+    parser.add_argument("--version", action="version", version=f"Kubernetes {VERSION}")
+    for flag in IGNORED_FLAGS:
+        parser.add_argument(flag, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     kubelet = Kubelet(args)
     signal.signal(signal.SIGTERM, lambda *_: kubelet.stopping.set())

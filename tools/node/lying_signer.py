@@ -66,7 +66,7 @@ def make_lie(mode: str, csr: x509.CertificateSigningRequest, cluster: policy.Iss
         policy.KUBELET,
         dt.timedelta(days=30),
         now,
-        policy.random_serial(),  # type: ignore[arg-type]
+        policy.random_serial(),
     )
     return pki.certificate_pem(cert)
 
