@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_oneshot import agent_config
 
 from kubecertd.errors import ConfigError
 from kubecertd.signer.config import Limits, load_signer_config
@@ -243,21 +244,7 @@ def metric(signer: Signer, name: str, **labels: str) -> float:
 
 def enrolled_agent(signer: Signer, tmp_path: Path, node: str) -> Path:
     """An agent config for ``node``, enrolled, with an empty ssl_dir: --fix has all to do."""
-    config = tmp_path / "kubecertd.toml"
-    config.write_text(
-        f"""
-node_name = "{node}"
-ssl_dir = "{tmp_path / "ssl"}"
-[signer]
-url = "{signer.url}"
-ca = "{signer.identity_ca}"
-identity_cert = "{tmp_path / "state" / "identity.pem"}"
-identity_key = "{tmp_path / "state" / "identity-key.pem"}"
-timeout = "2s"
-[daemon]
-state_dir = "{tmp_path / "state"}"
-"""
-    )
+    config = agent_config(tmp_path, signer, node)
     factories.write_ssl_dir(tmp_path / "ssl", None, None, None)
     enroll = run_agent("enroll", "--token", signer.token(node), "--config", str(config))
     assert enroll.returncode == 0, enroll.stderr
