@@ -141,18 +141,49 @@ def cmd_check(args: argparse.Namespace) -> int:
         diagnosis, report = fix(config, layout, restart=not getattr(args, "no_restart", False))
     else:
         diagnosis = check_files(config, layout)
+    changes = recorded_changes(config.daemon.state_dir, [f.path for f in diagnosis.files])
     if getattr(args, "json", False):
         from .report import render_json  # noqa: PLC0415
 
-        print(render_json(diagnosis, layout, report))
+        print(render_json(diagnosis, layout, report, changes))
     else:
         from .report import render_text  # noqa: PLC0415
 
-        print(render_text(diagnosis, layout, report))
+        print(render_text(diagnosis, layout, report, changes))
     if report is not None and report.error is not None:
         print(f"kubecertd: error: {report.error}", file=sys.stderr)
         return report.error.exit_code
     return 0 if diagnosis.healthy else 1
+
+
+def recorded_changes(state_dir: str, paths: list[str]) -> dict[str, Any]:
+    """While the daemon runs, the last change its witness recorded to each of ``paths``
+    (``{path: Culprit}``); {} when it does not run or recorded none."""
+    import fcntl  # noqa: PLC0415
+
+    try:
+        lock = os.open(os.path.join(state_dir, "kubecertd.lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        running = False  # nobody holds it: no daemon, so nothing it recorded is current
+    except BlockingIOError:
+        running = True
+    finally:
+        os.close(lock)
+    if not running:
+        return {}
+    from .culprit import STATE_FILE, Book  # noqa: PLC0415 - only while the daemon runs
+    from .material import read_file  # noqa: PLC0415
+
+    state = read_file(os.path.join(state_dir, STATE_FILE))
+    try:
+        book = Book.from_json(state.data or b"")
+    except ValueError:
+        return {}
+    found = {path: book.latest(path) for path in paths}
+    return {path: record for path, record in found.items() if record is not None}
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -16,13 +16,15 @@ import select
 import signal
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import pki, schedule
 from .config import Config
+from .culprit import STATE_FILE, Book, Culprit
 from .diagnose import CheckPolicy, Diagnosis, diagnose
 from .edges import journal
 from .edges.client import SignerClient
-from .edges.install import recover
+from .edges.install import recover, replace_file
 from .edges.sdnotify import notify, watchdog_interval
 from .edges.textfile import AgentCounters
 from .edges.textfile import write as write_textfile
@@ -42,6 +44,10 @@ from .evidence import observe
 from .heal import Healer, healing_reason, identity_due, obtain_identity, utcnow
 from .layout import Layout, describe_layout
 from .material import Material, read_layout
+
+if TYPE_CHECKING:  # the witness's modules load only when the daemon runs
+    from .edges.culprit_proc import Attributor
+    from .edges.fanotify import Witness
 
 LOCK_FILE = "kubecertd.lock"
 
@@ -114,6 +120,7 @@ class Daemon:
         self.own: tuple[object, ...] | None = None
         self.last_codes: tuple[str, ...] | None = None
         self.stopping = False
+        self.book = Book()  # recent culprit records (the fanotify witness)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -127,6 +134,7 @@ class Daemon:
                     "installed", f"start-up: {done}", journal.NOTICE, node=config.node_name
                 )
             watcher = Watcher(self.layout.directories())
+            witness = self._open_witness()
             wakeup = self._install_signals()
             self.cycle("start")  # sends READY=1 as soon as the first diagnosis is taken
             interval = watchdog_interval()
@@ -137,17 +145,77 @@ class Daemon:
                     notify("WATCHDOG=1")
                     self.timers.watchdog = self.monotonic() + interval
                 timeout = max(0.0, self.timers.nearest() - self.monotonic())
-                readable, _, _ = select.select([watcher.fileno(), wakeup], [], [], timeout)
+                sources = [watcher.fileno(), wakeup] + ([witness[0].fileno()] if witness else [])
+                readable, _, _ = select.select(sources, [], [], timeout)
                 if wakeup in readable:
                     os.read(wakeup, 512)  # the signal handlers already set the flags
+                if witness and witness[0].fileno() in readable:
+                    self._on_witness(*witness)  # before the inotify events it explains
                 if watcher.fileno() in readable:
                     self._on_changes(watcher)
+                    if witness:
+                        witness[0].rearm()  # a folder re-created: mark it again
                 self._on_timers()
             notify("STOPPING=1", "STATUS=stopping")
             watcher.close()
+            if witness:
+                witness[0].close()
             return 0
         finally:
             os.close(lock)
+
+    # -- who did it: the fanotify witness ---------------------------------------------------
+
+    def _open_witness(self) -> tuple[Witness, Attributor] | None:
+        """The witness on every folder involved, then CAP_SYS_ADMIN dropped: it is needed
+        only to create the group (its marks and PIDs keep working).  Without it, one
+        warning, and healing as always."""
+        from .edges.culprit_proc import Attributor  # noqa: PLC0415
+        from .edges.fanotify import Witness, WitnessUnavailable, drop_sys_admin  # noqa: PLC0415
+
+        try:
+            witness: Witness | None = Witness(self.layout.directories())
+        except WitnessUnavailable as exc:
+            witness = None
+            journal.send(
+                "witness",
+                f"culprit attribution unavailable: {exc.reason}",
+                journal.WARNING,
+                node=self.config.node_name,
+            )
+        try:
+            drop_sys_admin()
+        except OSError as exc:  # not fatal: the unit's bounding set still limits it
+            journal.send(
+                "witness", f"could not drop CAP_SYS_ADMIN: {exc}", journal.WARNING,
+                node=self.config.node_name,
+            )  # fmt: skip
+        return (witness, Attributor(own_pid=os.getpid())) if witness is not None else None
+
+    def _on_witness(self, witness: Witness, attributor: Attributor) -> None:
+        now = self.clock()
+        records = attributor.capture(witness.read(), now)
+        if not records:
+            return
+        self.book.add(records)
+        for record in records:
+            journal.send(
+                "culprit", record.describe(now), journal.NOTICE,
+                node=self.config.node_name, **record.to_fields(),
+            )  # fmt: skip
+        state_dir = self.config.daemon.state_dir
+        try:
+            replace_file(
+                os.path.join(state_dir, STATE_FILE), self.book.to_json(os.getpid(), now), 0o600
+            )
+        except OSError as exc:
+            journal.send(
+                "witness", f"cannot write {state_dir}/{STATE_FILE}: {exc.strerror}", journal.WARNING
+            )
+
+    def explain(self, path: str) -> Culprit | None:
+        """The recent record that explains a finding on ``path``, if the witness saw one."""
+        return self.book.explaining(path, self.clock())
 
     def _install_signals(self) -> int:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -216,7 +284,13 @@ class Daemon:
     def _heal(self, diagnosis: Diagnosis, material: Material, reason: str) -> Diagnosis:
         notify(f"STATUS=renewing: {reason}")
         healer = Healer(
-            self.config, self.layout, self.client, self.units, self.clock, tick=self._tick
+            self.config,
+            self.layout,
+            self.client,
+            self.units,
+            self.clock,
+            tick=self._tick,
+            explain=self.explain,
         )
         try:
             outcome = healer.heal(diagnosis, material, reason)
@@ -295,11 +369,14 @@ class Daemon:
         )  # fmt: skip
         if codes != self.last_codes:  # each finding once when it appears, not every recheck
             for item in diagnosis.findings:
+                culprit = self.explain(item.path) if item.severity == "error" else None
+                who = f"; {culprit.describe(self.clock())}" if culprit else ""
                 journal.send(
                     "finding",
-                    f"{item.code}: {item.message} (hint: {item.hint})",
+                    f"{item.code}: {item.message}{who} (hint: {item.hint})",
                     journal.ERR if item.severity == "error" else journal.WARNING,
                     node=node, finding=item.code, path=item.path,
+                    kubelet_line=item.kubelet_line, **(culprit.to_fields() if culprit else {}),
                 )  # fmt: skip
         self.last_codes = codes
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import pki, schedule
 from .config import Config
+from .culprit import Culprit, claim
 from .diagnose import ERROR, CheckPolicy, Diagnosis, diagnose
 from .edges import journal
 from .edges.client import ClientCert, SignerClient
@@ -86,6 +87,7 @@ class Healer:
         units: UnitManager | None,  # None: install without restarting anything
         clock: Clock = utcnow,
         tick: Callable[[], None] = lambda: None,  # called while waiting (watchdog pings)
+        explain: Callable[[str], Culprit | None] = lambda _path: None,  # who changed a file
     ) -> None:
         self.config = config
         self.layout = layout
@@ -93,15 +95,20 @@ class Healer:
         self.units = units
         self.clock = clock
         self.tick = tick
+        self.explain = explain
 
     def heal(self, diagnosis: Diagnosis, material: Material, reason: str) -> Outcome:
         config, node = self.config, self.config.node_name
-        said = next((f.kubelet_line for f in diagnosis.findings if f.code == reason), None)
+        finding = next((f for f in diagnosis.findings if f.code == reason), None)
+        said = finding.kubelet_line if finding else None
+        culprit = self.explain(finding.path) if finding else None
         journal.send(
             "renew-start",
             f"renewing the kubelet certificate of {node}: {reason}"
+            + (f"; {culprit.describe(self.clock())}" if culprit else "")
             + (f"; kubelet says: {said}" if said else ""),
             journal.NOTICE, node=node, finding=reason, kubelet_line=said,
+            **(culprit.to_fields() if culprit else {}),
         )  # fmt: skip
         identity = self._identity(diagnosis)
         with self.client.conversation():  # one TLS connection for both calls
@@ -115,7 +122,9 @@ class Healer:
             key_type = "ecdsa-p256" if self.layout.rotation else config.policy.key_type
             key = pki.generate_key(key_type)
             csr = pki.csr_pem(pki.build_csr(key, pki.kubelet_subject(node)))
-            issued = self.client.sign(csr, reason, identity)  # step 3
+            # step 3; the node's own account of who changed its files, for the audit
+            said_by = claim([culprit.summary()]) if culprit else None
+            issued = self.client.sign(csr, reason, identity, culprits=said_by)
         cert_pem = issued.certificate
         cert = self._verify(ca_pem, cert_pem, key)  # step 4: nothing written before this passes
         new = Credentials(ca_pem if ca_changed else None, cert_pem, pki.private_key_pem(key))

@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Any
 from .diagnose import ERROR, WARNING, Diagnosis, Finding
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from .culprit import Culprit
     from .errors import KubecertdError
     from .layout import Layout
     from .oneshot import FixReport
@@ -14,10 +17,19 @@ if TYPE_CHECKING:
 _INDENT = " " * 4
 
 
-def render_json(diagnosis: Diagnosis, layout: Layout, fix: FixReport | None = None) -> str:
+def render_json(
+    diagnosis: Diagnosis,
+    layout: Layout,
+    fix: FixReport | None = None,
+    changes: Mapping[str, Culprit] | None = None,
+) -> str:
     """SPEC's ``--check --json`` object; with ``--fix``, its ``fix`` object too."""
     document = diagnosis.to_dict()
     document["layout"] = layout.to_dict()
+    document["changes"] = [
+        {"path": path, "message": record.describe(diagnosis.now), **record.to_dict()}
+        for path, record in (changes or {}).items()
+    ]
     if fix is not None:
         document["fix"] = fix.to_dict()
     return _dumps(document)
@@ -37,7 +49,12 @@ def _dumps(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2)
 
 
-def render_text(diagnosis: Diagnosis, layout: Layout, fix: FixReport | None = None) -> str:
+def render_text(
+    diagnosis: Diagnosis,
+    layout: Layout,
+    fix: FixReport | None = None,
+    changes: Mapping[str, Culprit] | None = None,
+) -> str:
     """One block per file (what it is, its facts, its findings with hints), what ``--fix``
     did, then a verdict."""
     lines = [
@@ -56,6 +73,9 @@ def render_text(diagnosis: Diagnosis, layout: Layout, fix: FixReport | None = No
             lines.append(f"{_INDENT}{label:<8} {value}")
         found = by_path.pop(report.path, [])
         lines.extend(_finding_lines(found) if found else [f"{_INDENT}ok"])
+        change = (changes or {}).get(report.path)
+        if change is not None:
+            lines.append(f"{_INDENT}last change: {change.describe(diagnosis.now)}")
         lines.append("")
     for leftover in by_path.values():  # findings on a path none of the blocks shows
         lines.extend(_finding_lines(leftover))

@@ -75,7 +75,8 @@ def test_json_matches_spec_schema(capsys: pytest.CaptureFixture[str], seed_confi
     status, out, _ = run(capsys, "--check", "--json", "--config", str(seed_config))
     document = json.loads(out)
     assert status == 1
-    assert list(document) == ["node", "healthy", "findings", "certificate", "layout"]
+    assert list(document) == ["node", "healthy", "findings", "certificate", "layout", "changes"]
+    assert document["changes"] == []  # no daemon runs: nothing it recorded is current
     layout = document["layout"]
     assert (layout["name"], layout["shape"], layout["kubeconfig"]) == ("files", "files", None)
     assert layout["cert"] == {"path": str(seed_config.parent / "ssl" / "worker.pem"), "key": None}

@@ -94,6 +94,21 @@ def test_heal_conversation_against_the_signer(signer: Signer) -> None:
     assert issued.ca_bundle == bundle
 
 
+def test_culprits_reach_the_signers_audit(signer: Signer) -> None:
+    """sign(..., culprits=TEXT) lands in the signer's audit as the node's claim."""
+    node = unique_node()
+    client, identity = real_client(signer), identity_of(signer, node)
+    claim = "unlink /var/lib/kubelet/pki/kubelet-client-current.pem by rm[4242] uid 0\n✓"
+    issued = client.sign(csr(pki.kubelet_subject(node)), "cert-missing", identity, claim)
+    result = signer.cli("audit", "--json", "--node", node)
+    assert result.returncode == 0, result.stderr
+    [record] = [r for r in json.loads(result.stdout) if r["endpoint"] == "sign"]
+    assert (record["claim"], record["reason"]) == (claim, "cert-missing")
+    assert record["serial"] == format(
+        x509.load_pem_x509_certificate(issued.certificate).serial_number, "x"
+    )
+
+
 def test_csr_for_another_node_is_refused(signer: Signer) -> None:
     """Node A's identity asking for node B's certificate gets 403 forbidden-node."""
     client, identity = real_client(signer), identity_of(signer, unique_node())
@@ -353,11 +368,23 @@ def test_requests_carry_json_headers_and_the_path_prefix(
     assert issued.certificate == Path(material.ca).read_bytes()
     (seen,) = server.seen
     assert (seen.method, seen.path) == ("POST", "/prefix/v1/sign")
-    assert json.loads(seen.body) == {"csr": "CSR", "reason": "cert-missing"}
+    assert json.loads(seen.body) == {"csr": "CSR", "reason": "cert-missing"}  # no culprits
     assert seen.headers["Content-Type"] == "application/json"
     assert seen.headers["Accept"] == "application/json"
     assert seen.headers["User-Agent"] == f"kubecertd/{kubecertd.__version__}"
     assert seen.peer == [factories.NODE]
+
+
+@pytest.mark.parametrize("culprits", ["rm[4242] unlinked kubelet.key\nand kubelet.crt", ""])
+def test_sign_sends_culprits_when_given(
+    serve: Callable[..., LoopbackServer], material: Material, culprits: str
+) -> None:
+    """sign(..., culprits) puts the text in the body as "culprits", as it is."""
+    server = serve(always(pem_answer(material)))
+    client_for(server, material).sign(b"CSR", "cert-missing", material.identity, culprits)
+    (seen,) = server.seen
+    body = {"csr": "CSR", "reason": "cert-missing", "culprits": culprits}
+    assert json.loads(seen.body) == body
 
 
 def test_503_is_unreachable_with_retry_after(

@@ -71,7 +71,9 @@ class FakeSigner:
     def fetch_ca(self, identity: ClientCert | None = None) -> bytes:
         return self.ca.pem
 
-    def sign(self, csr_pem: bytes, reason: str, identity: ClientCert) -> Issued:
+    def sign(
+        self, csr_pem: bytes, reason: str, identity: ClientCert, culprits: str | None = None
+    ) -> Issued:
         self.calls.append((reason, identity))
         csr = x509.load_pem_x509_csr(csr_pem)
         if self.lie:
@@ -439,9 +441,11 @@ def test_identity_key_never_leaves_the_node(make_config: Callable[..., Config]) 
     seen: list[bytes] = []
 
     class Recording(FakeSigner):
-        def sign(self, csr_pem: bytes, reason: str, identity: ClientCert) -> Issued:
+        def sign(
+            self, csr_pem: bytes, reason: str, identity: ClientCert, culprits: str | None = None
+        ) -> Issued:
             seen.append(csr_pem)
-            return super().sign(csr_pem, reason, identity)
+            return super().sign(csr_pem, reason, identity, culprits)
 
     Healer(config, configured_files(config), Recording(ca), None).heal(
         diagnosis, material, "renewal"

@@ -19,7 +19,8 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -29,12 +30,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubecertd import pki
 
 import factories
-from signer_harness import Client, Signer, csr_pem, signer_env
+from signer_harness import Client, Signer, csr_pem, running_signer, signer_env
 
 UTC = dt.timezone.utc
 MAX_BODY = 64 * 1024
@@ -408,6 +411,13 @@ def case_bad_request(ctx: Ctx) -> list[requests.Response]:
         ctx.signer.post(
             "/v1/sign", {"csr": kubelet_csr("x"), "reason": "r" * 201}, client=identity
         ),
+        # Two of BAD_CULPRITS (test_bad_culprits_message_names_the_field has them all): a
+        # case's answers stay alive, each holding its connection open, and more than 32
+        # from one address are refused by [limits] max_connections_per_address.
+        ctx.signer.post("/v1/sign", {"csr": kubelet_csr("x"), "culprits": 7}, client=identity),
+        ctx.signer.post(
+            "/v1/sign", {"csr": kubelet_csr("x"), "culprits": "x" * 1025}, client=identity
+        ),
         # Not JSON as RFC 8259 has it: NaN, a repeated name, not UTF-8.
         ctx.signer.post("/v1/sign", b'{"csr": NaN}', client=identity),
         ctx.signer.post("/v1/sign", b'{"csr": "a", "csr": "b"}', client=identity),
@@ -420,6 +430,27 @@ def case_bad_request(ctx: Ctx) -> list[requests.Response]:
         ),
         ctx.signer.post("/v1/enroll", b"not zlib", headers={"Content-Encoding": "deflate"}),
     ]
+
+
+# SPEC: "culprits" is null, or at most 1024 bytes of UTF-8 in lines of printable text.
+BAD_CULPRITS: dict[str, object] = {
+    "number": 7,
+    "boolean": True,
+    "array": ["rm"],
+    "object": {"rm": 1},
+    "tab": "tab\tseparated",
+    "carriage-return": "windows\r\nlines",
+    "terminal-escape": "\x1b[31mred\x1b[0m",
+    "bidi-override": "\u202edesrever",
+    "zero-width-space": "\u200b",  # a format character
+    "no-break-space": "no\u00a0break",  # a separator other than the space
+    "line-separator": "\u2028",  # a line break other than \n
+    "nul": "nul\x00",
+    "private-use": "\ue000",
+    "lone-surrogate": "\ud800",  # no UTF-8 at all
+    "1025-bytes": "x" * 1025,
+    "1026-bytes-513-chars": "é" * 513,
+}
 
 
 def case_bad_csr(ctx: Ctx) -> list[requests.Response]:
@@ -867,6 +898,189 @@ def test_audit_records_every_decision(signer: Signer) -> None:
         assert secret not in text  # ... without the secret
     for path in signer.directory.glob("state.db*"):
         assert secret.encode() not in path.read_bytes(), path
+
+
+# -- the node's claim (culprits) -------------------------------------------------------------
+
+
+def sign_answer_and_record(
+    signer: Signer, identity: Client, body: dict[str, object]
+) -> tuple[requests.Response, dict[str, object]]:
+    """POST /v1/sign with ``body``; the answer and the newest audit record of the node."""
+    answer = signer.post("/v1/sign", body, client=identity)
+    node = pki.common_names(cert_of(identity).subject)[0].removeprefix(pki.NODE_PREFIX)
+    return answer, audit(signer, "--node", node)[-1]
+
+
+def test_culprits_are_audited_as_the_nodes_claim(signer: Signer) -> None:
+    """The field "culprits" is audited verbatim as ``claim``, on issuance and refusal alike;
+    absent, null or "" is no claim, a malformed one is not audited; it decides nothing,
+    and /v1/identity ignores it."""
+    node = unique("claims")
+    identity = signer.enroll(node)
+    kubelet = signer.kubelet_cert(node, identity)
+    claim = (
+        "unlink /var/lib/kubelet/pki/kubelet-client-current.pem by rm[4242] uid 0 (ssh)\n"
+        "unlink /var/lib/kubelet/pki/kubelet-client.key by rm[4242] uid 0 ✓ 日本"
+    )
+    cases: list[tuple[Client, dict[str, object], int, str | None]] = [
+        (identity, {"csr": kubelet_csr(node), "reason": "cert-missing", "culprits": claim}, 201, claim),
+        (kubelet, {"csr": kubelet_csr(node), "culprits": "\n"}, 201, "\n"),
+        (identity, {"csr": kubelet_csr(node)}, 201, None),
+        (identity, {"csr": kubelet_csr(node), "culprits": None}, 201, None),
+        (identity, {"csr": kubelet_csr(node), "culprits": ""}, 201, None),
+        # A claim naming another node changes nothing: still forbidden-node, still audited.
+        (identity, {"csr": kubelet_csr(unique("victim")), "culprits": f"I am {node}"}, 403, f"I am {node}"),
+        (identity, {"csr": "not a CSR", "culprits": claim}, 400, claim),
+    ]  # fmt: skip
+    for client, body, status, stored in cases:
+        answer, record = sign_answer_and_record(signer, client, body)
+        assert answer.status_code == status, answer.text
+        assert record["claim"] == stored, body
+        if status == 201:
+            assert record["serial"] == answer.json()["serial"]
+    malformed = {"csr": kubelet_csr(node), "culprits": "tab\tseparated"}
+    before = audit(signer, "--node", node)
+    assert_error(signer.post("/v1/sign", malformed, client=identity), 400, "bad-request")
+    assert audit(signer, "--node", node) == before  # bad-request is not audited
+    renewed = signer.post(
+        "/v1/identity", {"csr": identity_csr(node), "culprits": claim}, client=identity
+    )
+    assert renewed.status_code == 201
+    newest = audit(signer, "--node", node)[-1]
+    assert (newest["endpoint"], newest["claim"]) == ("identity", None)
+
+
+@pytest.mark.parametrize(
+    ("culprits", "status"),
+    [
+        pytest.param("x" * 1024, 201, id="1024-ascii"),
+        pytest.param("x" * 1025, 400, id="1025-ascii"),
+        pytest.param("é" * 512, 201, id="1024-bytes-512-chars"),
+        pytest.param("é" * 512 + "x", 400, id="1025-bytes-513-chars"),
+        pytest.param("🔑" * 256, 201, id="1024-bytes-256-chars"),
+        pytest.param("\n" * 1024, 201, id="1024-newlines"),
+    ],
+)
+def test_culprits_limit_is_1024_bytes_of_utf8(signer: Signer, culprits: str, status: int) -> None:
+    """A claim of 1024 bytes in UTF-8 is kept, one byte more is 400 bad-request naming the field."""
+    node = unique("claim-limit")
+    identity = signer.enroll(node)
+    answer = signer.post(
+        "/v1/sign", {"csr": kubelet_csr(node), "culprits": culprits}, client=identity
+    )
+    if status == 201:
+        assert answer.status_code == 201, answer.text
+        assert audit(signer, "--node", node)[-1]["claim"] == culprits
+    else:
+        assert_error(answer, 400, "bad-request")
+        assert answer.json()["message"] == "field 'culprits' is 1025 bytes in UTF-8 (at most 1024)"
+
+
+CLAIMS_NODE = "claims.test.local"
+
+
+@pytest.fixture(scope="module")
+def claims_identity(signer: Signer) -> Client:
+    """One node identity for the tests that never get as far as issuing."""
+    return signer.enroll(CLAIMS_NODE)
+
+
+@pytest.mark.parametrize("value", list(BAD_CULPRITS.values()), ids=list(BAD_CULPRITS))
+def test_bad_culprits_message_names_the_field(
+    signer: Signer, claims_identity: Client, value: object
+) -> None:
+    """Each malformed "culprits" is 400 bad-request whose message names the field."""
+    body = {"csr": kubelet_csr(CLAIMS_NODE), "culprits": value}
+    answer = signer.post("/v1/sign", body, client=claims_identity)
+    assert_error(answer, 400, "bad-request")
+    assert "field 'culprits'" in answer.json()["message"]
+
+
+def kept_claim(value: object) -> tuple[int, str | None]:
+    """SPEC's answer to "culprits": ``value``: the status, and the claim audited on a 201.
+
+    Written from SPEC's wording (Unicode categories), independently of the signer's code.
+    """
+    if value is None or value == "":
+        return 201, None
+    if not isinstance(value, str):
+        return 400, None
+    printable = all(char in "\n " or unicodedata.category(char)[0] not in "CZ" for char in value)
+    if printable and len(value.encode("utf-8")) <= 1024:
+        return 201, value
+    return 400, None
+
+
+PRINTABLE = st.characters(exclude_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"))
+
+
+def near_limit(start: str, size: int) -> str:
+    """``start`` padded with "x" to ``size`` bytes of UTF-8 (``start`` is shorter)."""
+    return start + "x" * (size - len(start.encode("utf-8")))
+
+
+NOT_STRINGS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**30), 10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)  # SPEC: NaN is no JSON
+    | st.lists(st.text(max_size=4), max_size=3)
+    | st.dictionaries(st.text(max_size=4), st.none(), max_size=2)
+)
+KINDS = [
+    st.text(),  # any characters but surrogates
+    st.text(st.characters(categories=("Cs", "Cc", "Cf", "Co", "Zs", "Zl", "Zp")) | PRINTABLE),
+    st.text(PRINTABLE | st.sampled_from("\n "), max_size=1100),  # mostly kept
+    st.builds(near_limit, st.text(PRINTABLE | st.just("\n"), max_size=20), st.integers(1015, 1030)),
+    NOT_STRINGS,
+]
+CULPRITS = st.sampled_from(KINDS).flatmap(lambda kind: kind)  # each kind as often
+
+
+@pytest.fixture(scope="module")
+def generous_signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
+    """A signer whose rate limit a property test cannot reach."""
+    policy = {"max_issuances_per_node_per_hour": 1_000_000}
+    with running_signer(tmp_path_factory.mktemp("generous"), policy=policy) as running:
+        yield running
+
+
+def test_any_culprits_is_kept_verbatim_or_bad_request(generous_signer: Signer) -> None:
+    """Any JSON value as "culprits" gets 201 or 400 bad-request, never a 5xx; each 201's
+    audit record holds exactly the string sent (null for none)."""
+    signer, node = generous_signer, "claims-property.test.local"
+    identity = signer.enroll(node)
+    csr = kubelet_csr(node)
+    kept: dict[str, str | None] = {}  # serial -> the claim SPEC says is audited
+    session = signer.session(identity)  # one kept-alive connection for every example
+
+    @settings(
+        max_examples=300,
+        deadline=None,  # each example is a request to a real server
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(CULPRITS)
+    def send(value: object) -> None:
+        status, claim = kept_claim(value)
+        answer = session.post(
+            signer.url + "/v1/sign", json={"csr": csr, "culprits": value}, timeout=30
+        )
+        assert answer.status_code == status, (value, answer.text)
+        if status == 201:
+            kept[answer.json()["serial"]] = claim
+        else:
+            assert_error(answer, 400, "bad-request")
+            assert "'culprits'" in answer.json()["message"]
+
+    with session:
+        send()
+    records = [r for r in audit(signer, "--node", node) if r["endpoint"] == "sign"]
+    assert {str(r["serial"]): r["claim"] for r in records} == kept
+    assert all(r["outcome"] == "issued" for r in records)
+    assert "Traceback" not in signer.log_text()
 
 
 @pytest.mark.skipif(JOURNAL_SOCKET.exists(), reason="journald is running: entries go there")

@@ -7,6 +7,8 @@ status and output.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -23,6 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from kubecertd import pki
 from kubecertd.signer.cli import main
 from kubecertd.signer.config import read_signer_config
+from kubecertd.signer.store import ISSUED, REFUSED, AuditRecord
+from kubecertd.signer.store.sqlite import SqliteStore
 
 import factories
 from signer_harness import Signer, csr_pem, free_port, init_signer_dir, run_cli
@@ -297,6 +301,8 @@ BAD_FLAGS = {
     "serve-zero-workers": "serve --workers 0",
     "serve-workers-not-a-number": "serve --workers two",
     "serve-bad-listen": "serve --listen nowhere",
+    "audit-since-not-a-duration": "audit --since yesterday",
+    "audit-since-zero": "audit --since 0s",
     "init-without-hostname": "init --dir {tmp}/x --new-cluster-ca",
     "init-without-ca-choice": "init --dir {tmp}/x --hostname localhost",
     "init-both-ca-choices": "init --dir {tmp}/x --hostname localhost --new-cluster-ca"
@@ -310,7 +316,7 @@ def test_bad_flag_exits_2_with_one_line(
 ) -> None:
     """A bad flag or argument exits 2 with the usage and one error line, never a traceback."""
     args = argv.format(tmp=tmp_path).split()
-    if args and args[0] in ("token", "node", "serve"):
+    if args and args[0] in ("token", "node", "serve", "audit"):
         args += ["--config", str(signer_config)]
     status, out, err = run(capsys, *args)
     assert status == 2
@@ -450,6 +456,136 @@ def test_audit_json_of_a_fresh_signer_is_an_empty_list(
     config = init_signer_dir(tmp_path / "fresh")
     status, out, _ = run(capsys, "audit", "--json", "--config", config)
     assert (status, json.loads(out)) == (0, [])
+
+
+# -- audit: the nodes' claims ----------------------------------------------------------------
+
+
+def record(age: dt.timedelta, node: str, serial: str, claim: str | None = None) -> AuditRecord:
+    """A /v1/sign issuance ``age`` ago, as the signer audits it."""
+    time = dt.datetime.now(UTC) - age
+    return AuditRecord(
+        time=time, endpoint="sign", node=node, identity="identity:5f0c1e", reason="cert-missing",
+        outcome=ISSUED, message="issued", serial=serial, not_before=time,
+        not_after=time + dt.timedelta(days=30), peer="10.0.0.7", claim=claim,
+    )  # fmt: skip
+
+
+HEADER = ["TIME", "ENDPOINT", "NODE", "IDENTITY", "OUTCOME", "SERIAL", "REASON"]
+AUDIT_FIELDS = [
+    "time", "endpoint", "node", "identity", "reason", "outcome", "code", "message",
+    "key_fingerprint", "serial", "not_before", "not_after", "peer",
+]  # fmt: skip
+
+
+def audited(tmp_path: Path, *records: AuditRecord) -> Path:
+    """A new signer's config whose state database holds ``records``."""
+    config = init_signer_dir(tmp_path / "signer")
+
+    async def write() -> None:
+        store = SqliteStore(read_signer_config(str(config)).state)
+        await store.open()
+        for each in records:
+            await store.commit(each)
+        await store.close()
+
+    asyncio.run(write())
+    return config
+
+
+HOUR = dt.timedelta(hours=1)
+CLAIMS = {
+    "a1": "unlink kubelet.key by rm[1] uid 0",
+    "b2": "unlink kubelet.key by rm[4242] uid 0\nunlink kubelet.crt by rm[4242] uid 0",
+    "c3": None,
+    # Nothing like this gets past the API, but the table must not trust the database.
+    "d4": "\x1b[2J\u202ewiped\t2024-01-01T00:00:00Z  sign",
+}
+
+
+@pytest.fixture
+def claims_config(tmp_path: Path) -> Path:
+    """A signer whose audit holds four issuances: 25 h ago (a1) with a claim, 23 h ago (b2)
+    with a claim of two lines, 1 h ago (c3) without, 1 min ago (d4) with control characters."""
+    ages = (25 * HOUR, 23 * HOUR, HOUR, dt.timedelta(minutes=1))
+    nodes = ("node-a", "node-b", "node-c", "node-d")
+    records = [
+        record(age, node, serial, claim)
+        for age, node, (serial, claim) in zip(ages, nodes, CLAIMS.items(), strict=True)
+    ]
+    return audited(tmp_path, *records)
+
+
+def test_audit_shows_each_claim_line_under_its_row(
+    claims_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The text table shows a claim under its record, one indented `NODE claims:` line per
+    line, escaping what cannot be printed; --json has "claim" as it is, or null."""
+    status, out, err = run(capsys, "audit", "--config", claims_config)
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == HEADER
+    assert lines[1].split()[2:] == ["node-a", "identity:5f0c1e", "issued", "a1", "cert-missing"]
+    assert lines[2:] == [
+        "  node-a claims: unlink kubelet.key by rm[1] uid 0",
+        *lines[3:4],
+        "  node-b claims: unlink kubelet.key by rm[4242] uid 0",
+        "  node-b claims: unlink kubelet.crt by rm[4242] uid 0",
+        *lines[6:8],
+        "  node-d claims: \\u001b[2J\\u202ewiped\\u00092024-01-01T00:00:00Z  sign",
+    ]
+    assert [line.split()[5] for line in (lines[3], lines[6], lines[7])] == ["b2", "c3", "d4"]
+
+    status, out, _ = run(capsys, "audit", "--json", "--config", claims_config)
+    assert status == 0
+    listed = json.loads(out)
+    assert {entry["serial"]: entry["claim"] for entry in listed} == CLAIMS
+    assert list(listed[2]) == [*AUDIT_FIELDS, "claim"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "serials"),
+    [
+        pytest.param((), ["a1", "b2", "c3", "d4"], id="all"),
+        pytest.param(("--claims",), ["a1", "b2", "d4"], id="claims"),
+        pytest.param(("--since", "24h"), ["b2", "c3", "d4"], id="since-24h"),
+        pytest.param(("--claims", "--since", "24h"), ["b2", "d4"], id="claims-since-24h"),
+        pytest.param(("--claims", "--since", "1d", "--node", "node-b"), ["b2"], id="and-node"),
+        pytest.param(("--since", "30s"), [], id="nothing"),
+    ],
+)
+def test_audit_claims_and_since_filter_records(
+    claims_config: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: tuple[str, ...],
+    serials: list[str],
+) -> None:
+    """`audit --claims --since 24h` lists the records of the last day that carry a claim."""
+    status, out, _ = run(capsys, "audit", *flags, "--json", "--config", claims_config)
+    assert status == 0
+    assert [entry["serial"] for entry in json.loads(out)] == serials
+    status, out, _ = run(capsys, "audit", *flags, "--config", claims_config)
+    assert status == 0
+    rows = [line for line in out.splitlines()[1:] if not line.startswith(" ")]
+    assert [row.split()[5] for row in rows] == serials
+
+
+def test_audit_shows_the_claim_of_a_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refused request's claim is listed too: `--claims` shows every record that carries one."""
+    refused = dataclasses.replace(
+        record(HOUR, "node-e", "", "unlink kubelet.key"),
+        outcome=REFUSED, code="rate-limited", message="too many", serial=None,
+    )  # fmt: skip
+    config = audited(tmp_path, refused)
+    status, out, _ = run(capsys, "audit", "--claims", "--config", config)
+    assert status == 0
+    assert out.splitlines()[1:] == [
+        out.splitlines()[1],
+        "  node-e claims: unlink kubelet.key",
+    ]
+    assert "refused:rate-limited" in out.splitlines()[1]
 
 
 def test_init_keys_are_private_from_the_start(signer_config: Path) -> None:

@@ -107,6 +107,66 @@ def refused_csr(time: dt.datetime = T0, node: str | None = NODE) -> AuditRecord:
 
 # --- the two databases ----------------------------------------------------------------
 
+# The tables as the first release's stores created them (kubecertd/signer/store/*.py at
+# commit 2974b56), before any migration: a state database from that release.
+FIRST_SQLITE_SCHEMA = """
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, node TEXT NOT NULL, created TEXT NOT NULL,
+    expires TEXT NOT NULL, spent TEXT, revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, endpoint TEXT NOT NULL,
+    node TEXT, identity TEXT NOT NULL, reason TEXT NOT NULL, outcome TEXT NOT NULL, code TEXT,
+    message TEXT NOT NULL, key_fingerprint TEXT, serial TEXT, not_before TEXT, not_after TEXT,
+    peer TEXT NOT NULL
+);
+CREATE INDEX audit_rate ON audit (node, endpoint, outcome, time);
+CREATE INDEX audit_time ON audit (time);
+CREATE TABLE revoked_nodes (node TEXT PRIMARY KEY, since TEXT NOT NULL);
+PRAGMA journal_mode = WAL;
+"""
+FIRST_POSTGRES_SCHEMA = """
+CREATE TABLE tokens (
+    id text PRIMARY KEY, secret_hash text NOT NULL, node text NOT NULL,
+    created timestamptz NOT NULL, expires timestamptz NOT NULL, spent timestamptz,
+    revoked boolean NOT NULL DEFAULT false
+);
+CREATE TABLE audit (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, time timestamptz NOT NULL,
+    endpoint text NOT NULL, node text, identity text NOT NULL, reason text NOT NULL,
+    outcome text NOT NULL, code text, message text NOT NULL, key_fingerprint text,
+    serial text, not_before timestamptz, not_after timestamptz, peer text NOT NULL
+);
+CREATE INDEX audit_rate ON audit (node, endpoint, outcome, time);
+CREATE INDEX audit_time ON audit (time);
+CREATE TABLE revoked_nodes (node text PRIMARY KEY, since timestamptz NOT NULL);
+"""
+FIRST_AUDIT_COLUMNS = (
+    "time", "endpoint", "node", "identity", "reason", "outcome", "code", "message",
+    "key_fingerprint", "serial", "not_before", "not_after", "peer",
+)  # fmt: skip
+
+
+def first_release_insert(record: AuditRecord) -> str:
+    """The INSERT a signer of the first release makes for ``record`` (no claim), as SQL
+    text that both databases read the same way (times in ISO 8601 with a Z)."""
+
+    def literal(value: object) -> str:
+        if value is None:
+            return "NULL"
+        if isinstance(value, dt.datetime):
+            value = value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return "'" + str(value).replace("'", "''") + "'"
+
+    values = ", ".join(literal(getattr(record, name)) for name in FIRST_AUDIT_COLUMNS)
+    return f"INSERT INTO audit ({', '.join(FIRST_AUDIT_COLUMNS)}) VALUES ({values})"  # noqa: S608
+
+
+def claimed(time: dt.datetime = T0, node: str = NODE, claim: str = "") -> AuditRecord:
+    """An ISSUED sign record carrying the node's claim."""
+    text = claim or f"{node}: unlink /var/lib/kubelet/pki/kubelet-client-current.pem by rm[4242]"
+    return issued(time, node, reason="cert-missing", claim=text)
+
 
 @dataclass
 class Db:
@@ -117,6 +177,8 @@ class Db:
     execute: Callable[[str], None]  # raw SQL
     destroy: Callable[[], None]  # the database goes away under the store
     fail_audit_inserts: str  # SQL planting a trigger that aborts every audit INSERT
+    first_schema: str  # SQL creating the tables as the first release's store did
+    version: Callable[[], int]  # the schema version the database records
 
 
 def sqlite_db(path: Path) -> Db:
@@ -129,9 +191,17 @@ def sqlite_db(path: Path) -> Db:
             conn.close()
 
     def execute(sql: str) -> None:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None)
         try:
             conn.executescript(sql)
+        finally:
+            conn.close()
+
+    def version() -> int:
+        conn = sqlite3.connect(path)
+        try:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
         finally:
             conn.close()
 
@@ -142,6 +212,8 @@ def sqlite_db(path: Path) -> Db:
         destroy=lambda: shutil.rmtree(path.parent),
         fail_audit_inserts="CREATE TRIGGER fail_audit BEFORE INSERT ON audit"
         " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+        first_schema=FIRST_SQLITE_SCHEMA,
+        version=version,
     )
 
 
@@ -156,6 +228,13 @@ def postgres_db(cluster: pg.Cluster, url: str) -> Db:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(sql.encode())
 
+    def version() -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            if conn.execute("SELECT to_regclass('kubecertd_schema')").fetchone() == (None,):
+                return 0  # the first release's database has no such table
+            row = conn.execute("SELECT max(version) FROM kubecertd_schema").fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+
     return Db(
         new_store=lambda: PostgresStore(url),
         dump=dump,
@@ -165,10 +244,9 @@ def postgres_db(cluster: pg.Cluster, url: str) -> Db:
         " AS $$BEGIN RAISE EXCEPTION 'disk on fire'; END$$;"
         " CREATE TRIGGER fail_audit BEFORE INSERT ON audit"
         " FOR EACH ROW EXECUTE FUNCTION fail_audit();",
+        first_schema=FIRST_POSTGRES_SCHEMA,
+        version=version,
     )
-
-
-DB = pytest.StashKey[Db]()
 
 
 class Runner:
@@ -190,24 +268,27 @@ def run() -> Iterator[Runner]:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path, run: Runner) -> Iterator[Store]:
-    """An open store on a fresh database, one of each kind."""
+def fresh_db(request: pytest.FixtureRequest, tmp_path: Path) -> Db:
+    """A fresh database, one of each kind, that no store has opened yet."""
     if request.param == "sqlite":
-        db = sqlite_db(tmp_path / "state" / "state.db")
-    else:
-        cluster = request.getfixturevalue("postgres_cluster")
-        db = postgres_db(cluster, request.getfixturevalue("postgres_url"))
-    request.node.stash[DB] = db
-    opened = db.new_store()
+        return sqlite_db(tmp_path / "state" / "state.db")
+    cluster = request.getfixturevalue("postgres_cluster")
+    return postgres_db(cluster, request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def store(fresh_db: Db, run: Runner) -> Iterator[Store]:
+    """An open store on a fresh database, one of each kind."""
+    opened = fresh_db.new_store()
     run(opened.open())
     yield opened
     run(opened.close())
 
 
 @pytest.fixture
-def db(store: Store, request: pytest.FixtureRequest) -> Db:
+def db(store: Store, fresh_db: Db) -> Db:
     """Raw access to the database behind ``store``."""
-    return request.node.stash[DB]
+    return fresh_db
 
 
 @pytest.fixture
@@ -554,6 +635,98 @@ def test_audit_limit_keeps_the_newest(store: Store, run: Runner) -> None:
         run(store.commit(record))
     assert run(store.audit(limit=2)) == records[3:]
     assert run(store.audit(NODE, limit=3)) == records[2:]
+
+
+CLAIMS = [
+    "unlink /var/lib/kubelet/pki/kubelet-client-current.pem by rm[4242] uid 0\nsecond record",
+    "é" * 512,  # 1024 bytes of UTF-8
+    "x" * 1024,
+    "'; DROP TABLE audit; --",
+    "a\n\nb\n",
+    "\n",
+    '日本語 ✓ 🔑 \\ "quoted"',
+]
+
+
+def test_audit_keeps_the_claim_verbatim(store: Store, run: Runner) -> None:
+    """A claim comes back exactly as written, whatever its lines or script; none stays None."""
+    records = [claimed(T0 + n * SECOND, claim=claim) for n, claim in enumerate(CLAIMS)]
+    records.append(issued(T0 + MINUTE))
+    for record in records:
+        run(store.commit(record))
+    assert run(store.audit()) == records
+    assert run(store.audit())[-1].claim is None
+
+
+def test_a_refusal_in_the_store_keeps_the_claim(store: Store, run: Runner) -> None:
+    """When the store refuses an issuance (node-revoked), the audited refusal keeps the claim."""
+    run(store.set_node_revoked(NODE, True, T0))
+    record = claimed()
+    assert run(store.commit(record, rate_limit=10)).code == "node-revoked"
+    [back] = run(store.audit())
+    assert (back.outcome, back.code, back.claim) == (REFUSED, "node-revoked", record.claim)
+
+
+def test_audit_since_takes_records_from_that_moment_on(store: Store, run: Runner) -> None:
+    """audit(since=T) lists the records at T and after: one second either side of T."""
+    records = [claimed(T0 - SECOND), issued(T0), claimed(T0 + SECOND)]
+    for record in records:
+        run(store.commit(record))
+    assert run(store.audit(since=T0)) == records[1:]
+    assert run(store.audit(since=T0 + SECOND)) == records[2:]
+    assert run(store.audit(since=T0 + 2 * SECOND)) == []
+    assert run(store.audit(since=(T0 - SECOND).astimezone(JST))) == records
+
+
+def test_audit_claims_only(store: Store, run: Runner) -> None:
+    """claims_only lists the records carrying a claim; node, since and limit apply as well."""
+    plain = [issued(T0 + n * MINUTE) for n in range(3)]
+    mine = [claimed(T0 + n * MINUTE + SECOND) for n in range(2)]
+    other = claimed(T0 + 10 * MINUTE, node=OTHER)
+    for record in (*plain, *mine, other):
+        run(store.commit(record))
+    assert run(store.audit(claims_only=True)) == [*mine, other]
+    assert run(store.audit(NODE, claims_only=True)) == mine
+    assert run(store.audit(claims_only=True, limit=1)) == [other]
+    assert run(store.audit(NODE, claims_only=True, since=T0 + MINUTE)) == mine[1:]
+    assert len(run(store.audit(NODE))) == 5
+
+
+SCHEMA_VERSION = 1  # migrations in this release: 1 adds audit.claim
+
+
+def test_new_database_is_at_this_releases_schema(store: Store, db: Db, run: Runner) -> None:
+    """A database the store creates records this release's schema version."""
+    assert db.version() == SCHEMA_VERSION
+
+
+def test_first_release_database_is_migrated(fresh_db: Db, run: Runner) -> None:
+    """A state database of the first release opens and is migrated once: its records come
+    back without a claim, new ones keep theirs, and a first-release signer still writes."""
+    old = issued(T0 - MINUTE, reason="cert-missing")
+    fresh_db.execute(fresh_db.first_schema + first_release_insert(old) + ";")
+    assert fresh_db.version() == 0
+    store = fresh_db.new_store()
+    run(store.open())
+    try:
+        assert fresh_db.version() == SCHEMA_VERSION
+        assert run(store.audit()) == [old]
+        new = claimed(T0)
+        assert run(store.commit(new)) == Verdict()
+        later = issued(T0 + SECOND)  # from a replica not yet upgraded
+        fresh_db.execute(first_release_insert(later))
+        assert run(store.audit()) == [old, new, later]
+        assert run(store.audit(claims_only=True)) == [new]
+        assert run(store.commit(issued(T0 + MINUTE), rate_limit=3)).code == "rate-limited"
+    finally:
+        run(store.close())
+    reopened = fresh_db.new_store()
+    run(reopened.open())
+    try:
+        assert [r.claim for r in run(reopened.audit())] == [None, new.claim, None, None]
+        assert fresh_db.version() == SCHEMA_VERSION
+    finally:
+        run(reopened.close())
 
 
 def test_state_survives_reopening(store: Store, db: Db, run: Runner) -> None:

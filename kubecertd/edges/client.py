@@ -70,7 +70,12 @@ class SignerClient(Protocol):
 
     def fetch_ca(self, identity: ClientCert | None = None) -> bytes: ...
 
-    def sign(self, csr_pem: bytes, reason: str, identity: ClientCert) -> Issued: ...
+    def sign(
+        self, csr_pem: bytes, reason: str, identity: ClientCert, culprits: str | None = None
+    ) -> Issued:
+        """``culprits``: the node's summary of who changed its files (SPEC: at most 1024
+        bytes of printable lines), sent only when given; the signer only audits it."""
+        ...
 
     def enroll(self, token: str, csr_pem: bytes) -> Issued: ...
 
@@ -112,8 +117,12 @@ class HttpSignerClient:
         # lets both share a connection.
         return _pem(self._call("GET", "/v1/ca", None, identity), "ca_bundle")
 
-    def sign(self, csr_pem: bytes, reason: str, identity: ClientCert) -> Issued:
+    def sign(
+        self, csr_pem: bytes, reason: str, identity: ClientCert, culprits: str | None = None
+    ) -> Issued:
         body = {"csr": csr_pem.decode(), "reason": reason}
+        if culprits is not None:
+            body["culprits"] = culprits
         return _issued(self._call("POST", "/v1/sign", body, identity))
 
     def enroll(self, token: str, csr_pem: bytes) -> Issued:

@@ -26,6 +26,8 @@ MESSAGE_IDS = {
     "issued": "f1a455d6d9fc45e585991e133c894af6",
     "refused": "5670585f3a7d4467b16cf22f0e2938e6",
     "enrolled": "c2b013cfb8ef44c8a81f132771d0dc66",
+    "culprit": "4c9513ce0dd24f33a197411fc1d84056",
+    "witness": "02fe3644c79142aeaf7deb3d29e4662b",
 }
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"

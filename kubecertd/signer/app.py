@@ -34,6 +34,7 @@ MAX_BODY = 64 * 1024
 BODY_TIMEOUT = 10.0  # seconds to receive a whole request body
 MAX_DEPTH = 32  # levels of arrays and objects in a body; SPEC's bodies have one
 MAX_DIGITS = 100  # digits of a JSON integer; SPEC's bodies have none
+MAX_CLAIM = 1024  # bytes of UTF-8 in a sign request's "culprits"
 Clock = Callable[[], dt.datetime]
 
 
@@ -376,6 +377,37 @@ def text_field(
     return value
 
 
+def claim_field(body: dict[str, Any], name: str = "culprits") -> str | None:
+    """The node's claim ``name``: None when absent, null or "", else printable text.
+
+    Lines of printable characters (no Unicode control, format, surrogate, private-use,
+    unassigned or separator character but the space) joined by "\n", at most MAX_CLAIM
+    bytes in UTF-8.  Operators read it in a terminal, so nothing in it can move the
+    cursor, reorder text (bidi controls are format characters) or pass for a line of
+    the audit table.  Checked characters first: a lone surrogate has no UTF-8 length.
+    """
+    value = body.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise Refusal(400, "bad-request", f"field {name!r} must be a string, not {_kind(value)}")
+    if not all(line.isprintable() for line in value.split("\n")):
+        at, char = next(
+            (i, ch) for i, ch in enumerate(value) if ch != "\n" and not ch.isprintable()
+        )
+        raise Refusal(
+            400,
+            "bad-request",
+            f"field {name!r} holds U+{ord(char):04X} at character {at}: only printable text and \\n line breaks",
+        )
+    size = len(value.encode("utf-8"))
+    if size > MAX_CLAIM:
+        raise Refusal(
+            400, "bad-request", f"field {name!r} is {size} bytes in UTF-8 (at most {MAX_CLAIM})"
+        )
+    return value
+
+
 def pem_bytes(text: str) -> bytes:
     """A ``csr`` field as bytes for the policy, which judges any bytes.
 
@@ -399,6 +431,7 @@ class Ask:
     reason: str = ""
     spend_token: str | None = None
     rate_limit: int | None = None
+    claim: str | None = None  # audited as the node's word, never shown to the policy
 
 
 async def issue(request: web.Request, ask: Ask) -> tuple[x509.Certificate, str]:
@@ -422,6 +455,7 @@ async def issue(request: web.Request, ask: Ask) -> tuple[x509.Certificate, str]:
         message=decision.message,
         key_fingerprint=decision.key_fingerprint,
         peer=request.remote or "",
+        claim=ask.claim,
     )
     if not decision.accepted:
         await app[STORE].commit(record)
@@ -504,6 +538,7 @@ async def post_sign(request: web.Request) -> web.Response:
         identity=identity,
         reason=_clean_reason(text_field(body, "reason", required=False, limit=200)),
         rate_limit=request.app[POLICY].max_issuances_per_node_per_hour,
+        claim=claim_field(body),
     )
     cert, _node = await issue(request, ask)
     return web.json_response(

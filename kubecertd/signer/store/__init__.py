@@ -47,6 +47,9 @@ class AuditRecord:
     not_before: dt.datetime | None = None
     not_after: dt.datetime | None = None
     peer: str = ""  # remote address
+    # The node's own account of what happened to its files (``culprits`` on /v1/sign):
+    # untrusted text, kept verbatim for operators and never used for a decision.
+    claim: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,16 @@ class Store(Protocol):
 
     async def is_node_revoked(self, node: str) -> bool: ...
 
-    async def audit(self, node: str | None = None, limit: int = 1000) -> list[AuditRecord]:
-        """The newest ``limit`` records (of ``node``), oldest first."""
+    async def audit(
+        self,
+        node: str | None = None,
+        limit: int = 1000,
+        *,
+        since: dt.datetime | None = None,
+        claims_only: bool = False,
+    ) -> list[AuditRecord]:
+        """The newest ``limit`` records, oldest first: of ``node``, at or after ``since``,
+        carrying a claim when ``claims_only``."""
         ...
 
 

@@ -29,6 +29,7 @@ from .sqlite import (
     AUDIT_COLUMNS,
     TOKEN_INVALID,
     WINDOW,
+    audit_query,
     node_revoked,
     rate_limited,
     record_from_row,
@@ -46,6 +47,8 @@ _NODE_LOCK_CLASS = 0x6B63_6572  # "kcer"
 CONNECT_TIMEOUT = 5  # seconds, unless database_url says otherwise
 STATEMENT_TIMEOUT = "10s"  # a hung database fails the request (503) rather than hangs it
 
+# The first release's tables and the version table; _MIGRATIONS bring them to this
+# release's schema.
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tokens (
         id text PRIMARY KEY,
@@ -78,6 +81,17 @@ _SCHEMA = (
         node text PRIMARY KEY,
         since timestamptz NOT NULL
     )""",
+    # One row per migration applied; none in the first release's database.
+    """CREATE TABLE IF NOT EXISTS kubecertd_schema (
+        version integer PRIMARY KEY,
+        applied timestamptz NOT NULL DEFAULT now()
+    )""",
+)
+# Migration N brings the schema from version N - 1 to N, as in the SQLite store.  Each
+# only adds, so replicas of the previous release keep working on a migrated database
+# (their INSERTs name their columns) while the others are upgraded.
+_MIGRATIONS = (
+    "ALTER TABLE audit ADD COLUMN claim text",  # 1: the node's claim (culprits on /v1/sign)
 )
 _OUTSTANDING = (
     "SELECT id, node, created, expires, secret_hash FROM tokens"
@@ -95,6 +109,17 @@ def describe(url: str) -> str:
         return "(unparsable database_url)"
     host = info.get("host") or "localhost"
     return f"{info.get('dbname') or '?'} on {host}:{info.get('port') or 5432}"
+
+
+async def _migrate(conn: Connection) -> None:
+    """Apply the migrations the database lacks; inside the caller's transaction, which
+    holds the schema lock."""
+    cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM kubecertd_schema")
+    row = await cursor.fetchone()
+    version = int(row[0]) if row else 0
+    for number, statement in enumerate(_MIGRATIONS[version:], start=version + 1):
+        await conn.execute(statement)
+        await conn.execute("INSERT INTO kubecertd_schema (version) VALUES (%s)", (number,))
 
 
 class PostgresStore:
@@ -157,6 +182,7 @@ class PostgresStore:
                     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                     for statement in _SCHEMA:
                         await conn.execute(statement)
+                    await _migrate(conn)
                 self._schema_ready = True
         except BaseException:
             await conn.close()
@@ -284,13 +310,17 @@ class PostgresStore:
             cursor = await conn.execute("SELECT 1 FROM revoked_nodes WHERE node = %s", (node,))
             return await cursor.fetchone() is not None
 
-    async def audit(self, node: str | None = None, limit: int = 1000) -> list[AuditRecord]:
-        where, params = ("WHERE node = %s", [node]) if node is not None else ("", [])
+    async def audit(
+        self,
+        node: str | None = None,
+        limit: int = 1000,
+        *,
+        since: dt.datetime | None = None,
+        claims_only: bool = False,
+    ) -> list[AuditRecord]:
+        when = utc(since) if since is not None else None
+        sql, params = audit_query("%s", node, limit, when, claims_only)
         async with self._session("read the audit") as conn:
-            cursor = await conn.execute(
-                f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit {where}"  # noqa: S608 - fixed names
-                " ORDER BY time DESC, id DESC LIMIT %s",
-                [*params, max(limit, 0)],
-            )
+            cursor = await conn.execute(sql, params)
             rows = await cursor.fetchall()
         return [record_from_row(row, utc) for row in reversed(rows)]

@@ -50,8 +50,10 @@ AUDIT_COLUMNS = (
     "not_before",
     "not_after",
     "peer",
+    "claim",
 )
 
+# The first release's schema; _MIGRATIONS bring it to this release's.
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tokens (
         id TEXT PRIMARY KEY,
@@ -84,6 +86,13 @@ _SCHEMA = (
         node TEXT PRIMARY KEY,
         since TEXT NOT NULL
     )""",
+)
+# Migration N brings the schema from version N - 1 to N.  SQLite keeps the version in
+# the file header (PRAGMA user_version, 0 in a new file and in the first release's).
+# Each only adds, so a signer of the previous release keeps working on a migrated file
+# (its INSERTs name their columns): replicas and workers can be upgraded one by one.
+_MIGRATIONS = (
+    "ALTER TABLE audit ADD COLUMN claim TEXT",  # 1: the node's claim (culprits on /v1/sign)
 )
 _OUTSTANDING = (
     "SELECT id, node, created, expires, secret_hash FROM tokens"
@@ -177,6 +186,42 @@ def record_from_row(row: Sequence[Any], to_time: Callable[[Any], dt.datetime]) -
     return AuditRecord(**values)
 
 
+def audit_query(
+    mark: str,
+    node: str | None,
+    limit: int,
+    since: object | None,
+    claims_only: bool,
+) -> tuple[str, list[Any]]:
+    """The SELECT of ``Store.audit`` with its parameters, ``mark`` being the placeholder
+    (``?`` or ``%s``) and ``since`` already in the store's time form."""
+    conditions: list[str] = []
+    params: list[Any] = []
+    if node is not None:
+        conditions.append(f"node = {mark}")
+        params.append(node)
+    if since is not None:
+        conditions.append(f"time >= {mark}")
+        params.append(since)
+    if claims_only:
+        conditions.append("claim IS NOT NULL")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    sql = (
+        f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit{where}"  # noqa: S608 - fixed names
+        f" ORDER BY time DESC, id DESC LIMIT {mark}"
+    )
+    return sql, [*params, max(limit, 0)]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Apply the migrations this file lacks; inside the caller's write transaction."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    for statement in _MIGRATIONS[version:]:
+        conn.execute(statement)
+    if version < len(_MIGRATIONS):
+        conn.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
+
+
 def _use_wal(conn: sqlite3.Connection) -> str:
     """Switch to WAL mode (a no-op once the file is in it); the journal mode now in use."""
     # Switching a new file to WAL takes an exclusive lock, and when several workers
@@ -226,6 +271,7 @@ class SqliteStore:
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
+            _migrate(conn)
             conn.execute("COMMIT")
             info = os.stat(self.path)
         except (sqlite3.Error, OSError) as exc:
@@ -397,12 +443,14 @@ class SqliteStore:
     async def is_node_revoked(self, node: str) -> bool:
         return bool(self._read("read revocations", _REVOKED, (node,)))
 
-    async def audit(self, node: str | None = None, limit: int = 1000) -> list[AuditRecord]:
-        where, params = ("WHERE node = ?", [node]) if node is not None else ("", [])
-        rows = self._read(
-            "read the audit",
-            f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit {where}"  # noqa: S608 - fixed names
-            " ORDER BY time DESC, id DESC LIMIT ?",
-            [*params, max(limit, 0)],
-        )
+    async def audit(
+        self,
+        node: str | None = None,
+        limit: int = 1000,
+        *,
+        since: dt.datetime | None = None,
+        claims_only: bool = False,
+    ) -> list[AuditRecord]:
+        sql, params = audit_query("?", node, limit, _opt_text(since), claims_only)
+        rows = self._read("read the audit", sql, params)
         return [record_from_row(row, _time) for row in reversed(rows)]
