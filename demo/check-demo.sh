@@ -49,7 +49,7 @@ kubelet_pair "$this" healthy
 check healthy 0
 
 say "2. The seed case: worker.pem/worker-key.pem copied from $other onto $this"
-echo "kubelet would now fail with: node \"$other\" cannot modify node \"$this\""
+echo "kubelet would now fail with: node \"$other\" is not allowed to modify node \"$this\""
 kubelet_pair "$other" seed
 check seed 1
 json=$("$KUBECERTD" --check --json --config seed.toml || true)

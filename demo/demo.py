@@ -160,10 +160,10 @@ class Story:
             f"belongs to node {OTHER}, this node is {NODE}" in before,
             "--check did not name both nodes",
         )
-        message = self.kubelet_says(started, "cannot modify node")
+        message = self.kubelet_says(started, "is not allowed to modify node")
         show("journalctl -u kubelet | grep forbidden", message)
-        expect(
-            f'node "{OTHER}" cannot modify node "{NODE}"' in message,
+        expect(  # klog quotes the err= value of kubelet's line
+            f'node \\"{OTHER}\\" is not allowed to modify node \\"{NODE}\\"' in message,
             "kubelet did not hit the Node authorizer",
         )
         self.healing.wait_event("renewed", after=renewed, timeout=30)

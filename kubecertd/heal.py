@@ -96,6 +96,7 @@ class Healer:
         self.clock = clock
         self.tick = tick
         self.explain = explain
+        self.restarted_at = 0.0  # when the last restart job finished (time.time())
 
     def heal(self, diagnosis: Diagnosis, material: Material, reason: str) -> Outcome:
         config, node = self.config, self.config.node_name
@@ -248,7 +249,7 @@ class Healer:
         """kubelet logged none of its credential failures since the install (its journal)."""
         from .edges.kubelet_log import recent_lines  # noqa: PLC0415
 
-        line = failure_after(recent_lines(self.layout.unit, since))
+        line = failure_after(recent_lines(self.layout.unit, max(since, self.restarted_at)))
         if line is None:
             return True
         journal.send(
@@ -275,6 +276,9 @@ class Healer:
         save_restarts(self.config.daemon.state_dir, [*history, now])
         try:
             result = units.restart(kubelet.unit, timeout=max(30.0, kubelet.settle))
+            # From here on only the new kubelet speaks: what the old one logged while
+            # it was being stopped is not about the new pair.
+            self.restarted_at = time.time()
             pid = units.main_pid(kubelet.unit)
         except UnitError as exc:
             journal.send(

@@ -20,11 +20,12 @@ import base64
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,11 @@ timeout = "3s"
 [kubelet]
 settle = "{settle}"
 max_restarts_per_hour = {max_restarts}
-[daemon]
+{kubelet}[daemon]
 debounce = "{debounce}"
 [metrics]
 textfile = "/var/lib/node_exporter/textfile_collector/kubecertd.prom"
-"""
+{tables}"""
 
 SIGNER_CONFIG = f"""\
 listen = "127.0.0.1:8443"
@@ -495,15 +496,35 @@ class HealingNode:
         node.write_file(
             "/etc/kubecertd/signer-ca.pem", (signer_dir / "identity-ca.pem").read_bytes()
         )
-        config = AGENT_CONFIG.format(settle=settle, debounce=debounce, max_restarts=max_restarts)
-        node.write_file("/etc/kubecertd/kubecertd.toml", (shape.config + config).encode())
         healing = cls(node, cluster, shape)
+        healing.write_config(settle=settle, debounce=debounce, max_restarts=max_restarts)
         node.systemctl("start", SIGNER, shape.unit, check=True)
         healing.wait_registered()
         healing.enroll()
         if start_agent:
             healing.start_agent()
         return healing
+
+    def write_config(
+        self,
+        settle: str = "1s",
+        debounce: str = "200ms",
+        max_restarts: int = 20,
+        kubelet: Mapping[str, str | bool] | None = None,
+        tables: str = "",
+    ) -> None:
+        """/etc/kubecertd/kubecertd.toml for this node's shape: the signer, ``settle``,
+        ``max_restarts``, more ``[kubelet]`` settings (``{"version": "1.29.3"}``), and
+        whole ``tables`` (TOML text) at the end."""
+        extra = "".join(f"{key} = {toml_value(value)}\n" for key, value in (kubelet or {}).items())
+        config = AGENT_CONFIG.format(
+            settle=settle,
+            debounce=debounce,
+            max_restarts=max_restarts,
+            kubelet=extra,
+            tables=tables,
+        )
+        self.node.write_file("/etc/kubecertd/kubecertd.toml", (self.shape.config + config).encode())
 
     @property
     def node_name(self) -> str:
@@ -534,17 +555,23 @@ class HealingNode:
 
     # -- observations ------------------------------------------------------------------------
 
-    def events(self, kind: str, **fields: str) -> list[dict[str, Any]]:
-        """The agent's journal entries with KUBECERTD_EVENT=kind (and ``fields``)."""
-        return self.node.journal(AGENT, KUBECERTD_EVENT=kind, **fields)
+    def events(self, kind: str, since: str | None = None, **fields: str) -> list[dict[str, Any]]:
+        """The agent's journal entries with KUBECERTD_EVENT=kind (and ``fields``), only
+        those after the journal cursor ``since`` (``node.cursor()``) when given."""
+        return self.node.journal(AGENT, after=since, KUBECERTD_EVENT=kind, **fields)
 
     def wait_event(
-        self, kind: str, after: int = 0, timeout: float = 20, **fields: str
+        self,
+        kind: str,
+        after: int = 0,
+        timeout: float = 20,
+        since: str | None = None,
+        **fields: str,
     ) -> dict[str, Any]:
-        """Wait for entry number ``after`` + 1 of that kind; returns it."""
+        """Wait for entry number ``after`` + 1 of that kind (counted from ``since``); returns it."""
 
         def nth() -> dict[str, Any]:  # {} (falsy) until it is there
-            entries = self.events(kind, **fields)
+            entries = self.events(kind, since, **fields)
             return entries[after] if len(entries) > after else {}
 
         return self.node.wait_for(nth, timeout=timeout, what=f"KUBECERTD_EVENT={kind} #{after + 1}")
@@ -567,6 +594,18 @@ class HealingNode:
             registered, timeout=timeout, what=f"{self.kubelet_unit} registered"
         )
 
+    def kubelet_serials(self, pid: int | None = None) -> list[str]:
+        """The serials of the client certificates the kubelet stand-in registered or sent a
+        heartbeat with, oldest first (as it logs them: tools/node/fake_kubelet.py), of the
+        process ``pid`` only when given."""
+        fields = {"_PID": str(pid)} if pid else {}
+        messages = self.node.messages(self.kubelet_unit, **fields)
+        return [found[1] for text in messages if (found := KUBELET_SERIAL.search(text))]
+
+    def sighup(self) -> None:
+        """``systemctl kill -s HUP`` to the agent: diagnose now (SPEC "Watching")."""
+        self.node.systemctl("kill", "--kill-who=main", "-s", "HUP", AGENT, check=True)
+
     def pair(self) -> tuple[bytes, bytes]:
         """(certificate, key) as kubelet reads them from the node's disk."""
         return self.shape.pair(self.node)
@@ -575,6 +614,17 @@ class HealingNode:
 
         result = self.cli("kubecertd", "--check", "--json", check=False)
         return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+# What the kubelet stand-in logs when it registers or its heartbeat uses a new pair.
+KUBELET_SERIAL = re.compile(r"with client certificate serial ([0-9a-f]+)$")
+
+
+def toml_value(value: str | bool) -> str:
+    """A TOML string or boolean."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # a JSON string of plain text is a TOML basic string
 
 
 def _init_signer(scratch: Path, cluster: Cluster) -> Path:

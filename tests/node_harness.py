@@ -262,18 +262,38 @@ class Node:
         out = self.systemctl("show", unit, *(f"--property={p}" for p in props), check=True)
         return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
 
-    def journal(self, unit: str | None = None, **fields: str) -> list[dict[str, Any]]:
-        """Journal entries (``journalctl -o json``), optionally of ``unit`` and with
-        FIELD=value matches, oldest first. Binary values (arrays of bytes) are decoded."""
+    def journal(
+        self, unit: str | None = None, *, after: str | None = None, **fields: str
+    ) -> list[dict[str, Any]]:
+        """Journal entries (``journalctl -o json``), optionally of ``unit``, after the
+        cursor ``after`` (see ``cursor``) and with FIELD=value matches, oldest first.
+        Binary values (arrays of bytes) are decoded."""
         argv = ["journalctl", "--no-pager", "-o", "json"]
         if unit:
             argv += ["-u", unit]
+        if after:
+            # Not --after-cursor: journalctl (252) seeks to the cursor and then skips one
+            # entry, which with matches is the first *matching* one after it.
+            argv.append(f"--cursor={after}")
         argv += [f"{k}={v}" for k, v in fields.items()]
-        return journal_entries(self.run(argv, check=True).stdout)
+        entries = journal_entries(self.run(argv, check=True).stdout)
+        return [e for e in entries if not after or e.get("__CURSOR") != after]
 
-    def messages(self, unit: str | None = None, **fields: str) -> list[str]:
+    def cursor(self) -> str:
+        """The cursor of the journal's newest entry: ``journal(after=…)`` then returns only
+        what was logged since."""
+        entries = journal_entries(
+            self.run(["journalctl", "--no-pager", "-o", "json", "-n", "1"], check=True).stdout
+        )
+        if not entries:
+            raise NodeHarnessError(f"the journal of {self.hostname} is empty")
+        return str(entries[-1]["__CURSOR"])
+
+    def messages(
+        self, unit: str | None = None, *, after: str | None = None, **fields: str
+    ) -> list[str]:
         """The MESSAGE of each matching journal entry."""
-        return [str(e.get("MESSAGE", "")) for e in self.journal(unit, **fields)]
+        return [str(e.get("MESSAGE", "")) for e in self.journal(unit, after=after, **fields)]
 
     def wait_for(
         self,

@@ -8,11 +8,12 @@ present a certificate from that CA (the TLS handshake fails otherwise). It serve
   ``{"metadata": {"name": NAME}}``): a node status update / registration,
 - ``GET /healthz``,
 
-and enforces the Node authorizer: a client certificate with CN ``system:node:B`` and
-O ``system:nodes`` may act only for node B. Anything else gets 403 and a Kubernetes
-``Status`` object whose message is what the real API server says, e.g.
-``nodes "A" is forbidden: node "B" cannot modify node "A"``. Every decision is one line
-on stdout (the journal, under systemd). ``Type=notify``: READY=1 once listening.
+and enforces the Node authorizer and NodeRestriction: a client certificate with CN
+``system:node:B`` and O ``system:nodes`` may act only for node B. Anything else gets 403
+and a Kubernetes ``Status`` object whose message is what the real API server says, e.g.
+``nodes "A" is forbidden: node "B" is not allowed to modify node "A"`` (NodeRestriction's
+words since kubernetes PR #71396; "cannot modify node" before). Every decision is one
+line on stdout (the journal, under systemd). ``Type=notify``: READY=1 once listening.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def authorize(cn: str, orgs: list[str], node: str, verb: str) -> str | None:
         actor = cn[len(NODE_PREFIX) :]
         if actor == node:
             return None
-        return f'nodes "{node}" is forbidden: node "{actor}" cannot modify node "{node}"'
+        return f'nodes "{node}" is forbidden: node "{actor}" is not allowed to modify node "{node}"'
     return (
         f'nodes "{node}" is forbidden: User "{cn}" cannot {verb} resource "nodes/status" '
         'in API group "" at the cluster scope'

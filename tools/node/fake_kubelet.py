@@ -31,12 +31,27 @@ Then:
    does not stop it.
 2. It updates its node's status over mutual TLS (``PATCH /api/v1/nodes/NAME/status``;
    NAME is ``--hostname-override`` or the lowercased hostname, kubelet's default). A
-   refusal (``nodes "A" is forbidden: node "B" cannot modify node "A"``), a failed
-   handshake or an API server unreachable for ``--register-timeout`` ends it with
-   status 1. On success it prints ``registered node NAME``.
-3. It keeps running: every ``--heartbeat`` it reads its credentials again, checks them
-   and posts a heartbeat with them; any failure ends it with status 1 (so a kubelet
-   whose credentials go bad while it runs fails, as a restarted one would).
+   refusal is logged as kubelet logs it (``"Unable to register node with API server"
+   err=…`` quoting the API server, e.g. ``nodes "A" is forbidden: node "B" is not allowed
+   to modify node "A"``) and ends it with status 1, as does a failed handshake or an
+   API server unreachable for ``--register-timeout``. On success it prints ``registered
+   node NAME with client certificate serial SERIAL`` (the serial as kubecertd writes it:
+   lowercase hex).
+3. It keeps running: every ``--heartbeat`` it posts a heartbeat. It reads its
+   credentials again first where kubelet (>= 1.18) does: files named by its kubeconfig
+   (or the ``--ssl-dir`` files) with rotation off. With rotation on, client-go's
+   certificate manager keeps the pair it started with in memory, and credentials
+   embedded in the kubeconfig are read only at start, so there it goes on with the pair
+   it started with. A pair that changed is logged in client-go's words (``certificate
+   rotation detected, …``) and, once a heartbeat with it went through, as ``node status
+   of NAME updated with client certificate serial SERIAL``. Credentials that can no
+   longer be read, or a pair past its validity, end it with status 1 (the in-memory
+   pair of a rotating kubelet in kubelet's words: ``The currently active client
+   certificate has expired …``). An API server that refuses a heartbeat is logged as
+   kubelet logs it (``"Error updating node status, will retry" err="…"``) and, as in
+   kubelet, does not stop it at once: only after ``--register-timeout`` of failures in
+   a row does it end with status 1 (so a kubelet whose credentials go bad while it runs
+   fails in the end, as a restarted one would).
 
 SIGTERM ends it with status 0. Stdlib ssl; the venv's PyYAML reads kubeconfigs and the
 venv's cryptography (when importable) adds the validity-date check. Flags kubeadm's
@@ -92,6 +107,14 @@ class KubeletExit(KubeletError):
     """An exit kubelet logs in its own words (not as ``failed to run Kubelet: …``)."""
 
 
+class Refused(KubeletError):
+    """The API server answered, and not with 200; the message is its Status message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def klog(level: str, where: str, message: str) -> None:
     """One line in klog's text format (``E1130 03:30:00.123456  PID file.go:N] msg``)."""
     now = dt.datetime.now(UTC)
@@ -115,6 +138,11 @@ def go_time(when: dt.datetime) -> str:
 
 def strerror(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
+
+
+def go_quote(text: str) -> str:
+    """Go's ``%q`` of an ASCII string, as klog also quotes structured values (``err="…"``)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # --- the credentials, wherever they are ----------------------------------------------
@@ -157,6 +185,13 @@ class Pair(NamedTuple):
     chain: list[bytes]  # PEM blocks, leaf first
     key: bytes  # one PEM block
     source: str
+
+
+class Loaded(NamedTuple):
+    """A pair in use: the TLS context made from it, and the pair."""
+
+    context: ssl.SSLContext
+    pair: Pair
 
 
 def legacy_config(ssl_dir: Path) -> ClientConfig:
@@ -290,6 +325,19 @@ def validity(cert_pem: bytes) -> tuple[dt.datetime, dt.datetime] | None:
     return cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
+def serial_of(pair: Pair) -> str:
+    """The leaf's serial as kubecertd writes it (lowercase hex); "unknown" without the
+    venv's cryptography."""
+    try:
+        from cryptography import x509  # noqa: PLC0415 - optional, from the venv
+    except ImportError:
+        return "unknown"
+    try:
+        return format(x509.load_pem_x509_certificate(pair.chain[0]).serial_number, "x")
+    except ValueError:
+        return "unknown"
+
+
 def check_dates(pair: Pair) -> None:
     dates = validity(pair.chain[0])
     if dates is None:
@@ -352,7 +400,8 @@ def expired(pair: Pair) -> bool:
 
 
 class Credentials:
-    """Where this kubelet takes its client certificate from, read again on each load()."""
+    """Where this kubelet takes its client certificate from, and whether it reads it
+    again at each load() or keeps the pair it started with, as kubelet does."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.kubeconfig: str | None = args.kubeconfig or None
@@ -362,16 +411,36 @@ class Credentials:
         self.rotate = args.rotate_certificates or rotation_in(args.config)
         self.server: str | None = None
         self.loads = 0
+        self.current: Loaded | None = None
+        self.reloads = True  # decided at the first load
 
-    def load(self) -> ssl.SSLContext:
-        """A client TLS context with the current credentials, or KubeletError."""
+    def load(self) -> Loaded:
+        """The pair to connect with, or KubeletError: read again where kubelet (>= 1.18)
+        reads it again (files with rotation off: client-go's cert_rotation.go); else the
+        pair it started with, as long as it is within its validity."""
+        if self.current is not None and not self.reloads:
+            if self.rotate and expired(self.current.pair):  # certificate/transport.go
+                raise KubeletExit(
+                    "The currently active client certificate has expired and the server is responsive, exiting."
+                )
+            check_dates(self.current.pair)
+            return self.current
+        self.current = self._read()
+        return self.current
+
+    def _read(self) -> Loaded:
         self.loads += 1
         if self.kubeconfig is None:
             config = legacy_config(self.ssl_dir)
         elif self.rotate:
+            self.reloads = False  # client-go's certificate manager keeps its pair in memory
             return self._rotating(self.kubeconfig)
         else:  # server.go: bootstrap.LoadClientCert, then clientcmd alone
             config = self._bootstrapped(self.kubeconfig, "invalid kubeconfig")
+            # client-go reloads a client certificate and key named as files; data is static
+            self.reloads = all(
+                ref is not None and ref.data is None for ref in (config.cert, config.key)
+            )
         self.server = config.server
         return self._context(config, self._from_config(config))
 
@@ -412,14 +481,15 @@ class Credentials:
                 ref.read()  # clientcmd's validation reads every file first
         return checked_pair(config.cert.read(), config.key.read(), config.source)
 
-    def _context(self, config: ClientConfig, pair: Pair) -> ssl.SSLContext:
+    def _context(self, config: ClientConfig, pair: Pair) -> Loaded:
         check_dates(pair)
         ca = config.ca
-        return tls_context(
+        context = tls_context(
             ca.read() if ca else None, (ca.path or config.source) if ca else "", pair
         )
+        return Loaded(context, pair)
 
-    def _rotating(self, kubeconfig: str) -> ssl.SSLContext:
+    def _rotating(self, kubeconfig: str) -> Loaded:
         """kubelet with client rotation: bootstrap's checks, then the certificate store."""
         config = self._bootstrapped(kubeconfig, "unable to load kubeconfig")
         self.server = config.server
@@ -520,22 +590,23 @@ class Kubelet:
         self.heartbeat = parse_duration(args.heartbeat)
         self.register_timeout = parse_duration(args.register_timeout)
         self.stopping = threading.Event()
+        self.loaded_serial = ""  # the pair last loaded
+        self.serial = ""  # the pair of the last status update that went through
 
     @property
     def server(self) -> str:
         return (self.server_flag or self.creds.server or "https://127.0.0.1:6443").rstrip("/")
 
-    def update_status(self, context: ssl.SSLContext) -> None:
-        """PATCH the node's status with the given credentials; KubeletError when refused."""
-        path = f"/api/v1/nodes/{self.node}/status"
+    def status_patch(self) -> str:
         now = dt.datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = json.dumps(
-            {
-                "status": {
-                    "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": now}]
-                }
-            }
-        )
+        condition = {"type": "Ready", "status": "True", "lastHeartbeatTime": now}
+        return json.dumps({"status": {"conditions": [condition]}}, separators=(",", ":"))
+
+    def update_status(self, context: ssl.SSLContext, body: str | None = None) -> None:
+        """PATCH the node's status with the given credentials; Refused (the API server's
+        message) or KubeletError (TLS) when it does not go through."""
+        path = f"/api/v1/nodes/{self.node}/status"
+        body = body or self.status_patch()
         url = urlsplit(self.server)
         host, port = url.hostname or "127.0.0.1", url.port or 443
         connection = http.client.HTTPSConnection(host, port, context=context, timeout=5)
@@ -563,17 +634,31 @@ class Kubelet:
             message = json.loads(data).get("message") or data.decode(errors="replace")
         except ValueError:
             message = data.decode(errors="replace")
-        raise KubeletError(message)
+        raise Refused(response.status, message)
+
+    def heartbeat_error(self, exc: KubeletError, body: str) -> str:
+        """kubelet's words for a heartbeat that did not go through
+        (kubelet_node_status.go ``tryUpdateNodeStatus``): it reads the node first, which
+        an unauthenticated client cannot; the patch is what NodeRestriction refuses."""
+        if isinstance(exc, Refused) and exc.status != 401:
+            # nodeutil.PatchNodeStatus: "failed to patch status %q for node %q: %v"
+            return f"failed to patch status {go_quote(body)} for node {go_quote(self.node)}: {exc}"
+        return f"error getting node {go_quote(self.node)}: {exc}"
 
     def register(self) -> None:
         klog("I", "kubelet_node_status.go:70", f'Attempting to register node "{self.node}"')
-        context = self.creds.load()
+        loaded = self.creds.load()
         deadline = time.monotonic() + self.register_timeout
         while True:
             try:
-                self.update_status(context)
+                self.update_status(loaded.context)
                 break
             except KubeletError as exc:
+                klog(
+                    "E",
+                    "kubelet_node_status.go:96",
+                    f'"Unable to register node with API server" err={go_quote(str(exc))} node={go_quote(self.node)}',
+                )
                 raise KubeletError(
                     f'Unable to register node "{self.node}" with API server: {exc}'
                 ) from None
@@ -585,27 +670,67 @@ class Kubelet:
                     ) from None
                 if self.stopping.wait(0.2):
                     return
-        klog("I", "kubelet_node_status.go:76", f"registered node {self.node}")
+        self.serial = self.loaded_serial = serial_of(loaded.pair)
+        klog(
+            "I",
+            "kubelet_node_status.go:76",
+            f"registered node {self.node} with client certificate serial {self.serial}",
+        )
+
+    def heartbeat_once(self) -> bool:
+        """One node status update with the credentials as kubelet holds them now; False
+        when it did not go through (logged as kubelet logs it)."""
+        loaded = self.creds.load()
+        serial = serial_of(loaded.pair)
+        if serial != self.loaded_serial:
+            self.loaded_serial = serial
+            klog(
+                "I",
+                "cert_rotation.go:168",
+                "certificate rotation detected, shutting down client connections to start using new credentials",
+            )
+        body = self.status_patch()
+        try:
+            self.update_status(loaded.context, body)
+        except KubeletError as exc:  # refused or a failed handshake: kubelet retries
+            why = go_quote(self.heartbeat_error(exc, body))
+            klog(
+                "E",
+                "kubelet_node_status.go:544",
+                f'"Error updating node status, will retry" err={why}',
+            )
+            return False
+        except (OSError, http.client.HTTPException) as exc:
+            klog("E", "kubelet_node_status.go:540", f"Error updating node status: {exc}")
+            return False
+        if serial != self.serial:
+            self.serial = serial
+            klog(
+                "I",
+                "kubelet_node_status.go:560",
+                f"node status of {self.node} updated with client certificate serial {serial}",
+            )
+        return True
+
+    def keep_up(self) -> None:
+        """Heartbeats until SIGTERM; KubeletError once they have failed for
+        ``--register-timeout`` in a row."""
+        failing_since = None
+        while not self.stopping.wait(self.heartbeat):
+            if self.heartbeat_once():
+                failing_since = None
+                continue
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > self.register_timeout:
+                raise KubeletError(
+                    f'node status updates of "{self.node}" have failed for {self.register_timeout:g}s in a row'
+                )
 
     def run(self) -> int:
         klog("I", "server.go:412", f'Starting kubelet for node "{self.node}"')
         try:
             self.register()
-            failing_since = None
-            while not self.stopping.wait(self.heartbeat):
-                context = self.creds.load()
-                try:
-                    self.update_status(context)
-                    failing_since = None
-                except KubeletError as exc:
-                    raise KubeletError(
-                        f'Unable to update the status of node "{self.node}": {exc}'
-                    ) from None
-                except (OSError, http.client.HTTPException) as exc:
-                    failing_since = failing_since or time.monotonic()
-                    klog("E", "kubelet_node_status.go:540", f"Error updating node status: {exc}")
-                    if time.monotonic() - failing_since > self.register_timeout:
-                        raise KubeletError(f"Unable to update node status: {exc}") from None
+            self.keep_up()
         except KubeletExit as exc:
             klog("E", "transport.go:108", str(exc))
             return 1
