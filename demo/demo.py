@@ -107,6 +107,20 @@ class Story:
         text = self.node.run(argv, check=False).stdout
         show(f"journalctl -u kubecertd{' -x' if explain else ''} --since ...", _story(text))
 
+    def who_did_it(self, after: int, file: str) -> None:
+        """The witness's record of who changed ``file`` (kubecertd's `culprit` event)."""
+
+        def record() -> dict[str, Any] | None:
+            found = [
+                e
+                for e in self.healing.events("culprit")[after:]
+                if str(e.get("KUBECERTD_CULPRIT_FILE", "")).endswith(file)
+            ]
+            return found[-1] if found else None
+
+        event = self.node.wait_for(record, timeout=15, what=f"a culprit record for {file}")
+        show("journalctl -u kubecertd KUBECERTD_EVENT=culprit | tail -1", str(event["MESSAGE"]))
+
     def kubelet_says(self, since: float, needle: str, timeout: float = 15) -> str:
         def failed() -> str | None:
             for entry in self.node.journal(KUBELET):
@@ -126,8 +140,14 @@ class Story:
         started, renewed = time.time(), len(self.healing.events("renewed"))
         restarts = len(self.healing.events("kubelet-restarted"))
         pid = self.healing.kubelet_pid()
-        (self.node.ssl_dir / "worker.pem").unlink()
-        (self.node.ssl_dir / "worker-key.pem").unlink()
+        culprits = len(self.healing.events("culprit"))
+        # A cleanup job of the node: its rm stays unreaped until the job ends, so the
+        # witness can read who it was (a process reaped at once may leave only its PID).
+        self.node.run(
+            ["systemd-run", "--unit=cleanup.service", "sh", "-c",
+             "rm /etc/kubernetes/ssl/worker.pem /etc/kubernetes/ssl/worker-key.pem & exec sleep 30"],
+            check=True,
+        )  # fmt: skip
         before = self.check()
         expect(
             "cert-missing" in before and "key-missing" in before,
@@ -135,6 +155,8 @@ class Story:
         )
         message = self.kubelet_says(started, "command failed")
         show("journalctl -u kubelet | tail -1", message)
+        note("kubecertd's witness (fanotify) saw who did it:")
+        self.who_did_it(culprits, "worker.pem")
         note("kubecertd saw the files go (inotify), waited for the directory to settle,")
         note("made a new key on the node, had the signer sign a CSR for this node only,")
         note("checked the answer, installed the pair atomically and restarted kubelet:")
@@ -154,7 +176,17 @@ class Story:
         note("kubelet now authenticates as the other node and the API server says no:")
         started, renewed = time.time(), len(self.healing.events("renewed"))
         pid = self.healing.kubelet_pid()
-        self.healing.cluster.install_kubelet(self.node, OTHER)
+        culprits = len(self.healing.events("culprit"))
+        other = self.healing.cluster.kubelet_pair(OTHER)
+        self.node.write_file("/root/from-other/worker.pem", other.pem)
+        self.node.write_file("/root/from-other/worker-key.pem", other.key_pem)
+        # An operator logged in as uid 1000 (the login uid survives sudo) copies them in.
+        self.node.run(
+            ["systemd-run", "--scope", "--unit=ops-copy.scope", "sh", "-c",
+             "echo 1000 > /proc/self/loginuid && exec cp /root/from-other/worker.pem"
+             " /root/from-other/worker-key.pem /etc/kubernetes/ssl/"],
+            check=True,
+        )  # fmt: skip
         before = self.check(full=True)
         expect(
             f"belongs to node {OTHER}, this node is {NODE}" in before,
@@ -162,6 +194,8 @@ class Story:
         )
         message = self.kubelet_says(started, "is not allowed to modify node")
         show("journalctl -u kubelet | grep forbidden", message)
+        note("Who copied them in, as kubecertd's witness recorded it:")
+        self.who_did_it(culprits, "worker.pem")
         expect(  # klog quotes the err= value of kubelet's line
             f'node \\"{OTHER}\\" is not allowed to modify node \\"{NODE}\\"' in message,
             "kubelet did not hit the Node authorizer",

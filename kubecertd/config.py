@@ -308,6 +308,7 @@ class Daemon(NamedTuple):
     recheck: PositiveDuration = 300.0
     state_dir: NonEmpty = "/var/lib/kubecertd"
     backups: Count = 3
+    audit_log: String = ""  # auditd's log, a second source of culprits; "" = not read
 
 
 class Metrics(NamedTuple):

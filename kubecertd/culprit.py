@@ -25,7 +25,7 @@ import datetime as dt
 import os
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 UNSET_ID = 4294967295  # (uid_t)-1 in /proc/PID/loginuid and sessionid: never set
@@ -325,18 +325,39 @@ class Book:
 
     def __init__(self, records: tuple[Culprit, ...] = ()) -> None:
         self.records = list(records)[-BOOK_SIZE:]
+        self.rewritten: dict[str, dt.datetime] = {}  # file -> when kubecertd last wrote it
 
     def add(self, records: list[Culprit]) -> None:
         self.records = (self.records + records)[-BOOK_SIZE:]
 
+    def rewrote(self, paths: Iterable[str], now: dt.datetime) -> None:
+        """kubecertd itself wrote these files at ``now``.  Its own changes are never
+        recorded, so without this an earlier record (``cp`` over the key, healed since)
+        would go on explaining findings on a file that no longer holds what it wrote."""
+        self.rewritten = {
+            p: t for p, t in self.rewritten.items() if (now - t).total_seconds() <= EXPLAINS_FOR
+        }
+        self.rewritten.update((path.split(" (", 1)[0], now) for path in paths)
+
+    def _current(self, record: Culprit) -> bool:
+        """Whether kubecertd has not rewritten the record's file since."""
+        return all(
+            record.time >= self.rewritten[p]
+            for p in (record.file, record.new_file)
+            if p in self.rewritten
+        )
+
     def explaining(self, path: str, now: dt.datetime) -> Culprit | None:
         """The newest recent record about ``path`` (a file, or ``KUBECONFIG (KEY)``): on
         that very file, else on another entry of its folder (kubelet's store renames a
-        timestamped file behind the symlink), else a lost-records note."""
+        timestamped file behind the symlink), else a lost-records note.  A record on a
+        file kubecertd has rewritten since explains nothing."""
         file = path.split(" (", 1)[0]
         folder = os.path.dirname(file)
         recent = [
-            r for r in reversed(self.records) if 0 <= (now - r.time).total_seconds() <= EXPLAINS_FOR
+            r
+            for r in reversed(self.records)
+            if 0 <= (now - r.time).total_seconds() <= EXPLAINS_FOR and self._current(r)
         ]
         for matches in (
             lambda r: file in (r.file, r.new_file),

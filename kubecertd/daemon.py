@@ -214,8 +214,19 @@ class Daemon:
             )
 
     def explain(self, path: str) -> Culprit | None:
-        """The recent record that explains a finding on ``path``, if the witness saw one."""
-        return self.book.explaining(path, self.clock())
+        """The recent record that explains a finding on ``path``: the witness's, else, with
+        ``[daemon] audit_log`` set, the newest audit record about that file."""
+        now = self.clock()
+        found = self.book.explaining(path, now)
+        audit_log = self.config.daemon.audit_log
+        if audit_log and (found is None or found.op == "lost"):
+            from .audit_records import explaining  # noqa: PLC0415 - only when configured
+            from .culprit import EXPLAINS_FOR  # noqa: PLC0415
+            from .edges.audit_log import recent_records  # noqa: PLC0415
+
+            records = recent_records(audit_log, now - dt.timedelta(seconds=EXPLAINS_FOR))
+            found = explaining(records, path, now, own_pid=os.getpid()) or found
+        return found
 
     def _install_signals(self) -> int:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -296,9 +307,13 @@ class Daemon:
             outcome = healer.heal(diagnosis, material, reason)
         except (SignerError, VerificationError, InstallError) as exc:
             return self._failed(diagnosis, reason, exc)
+        self.book.rewrote(outcome.installed, self.clock())  # earlier records explain them no more
         if outcome.restarted is not None:
             self.counters.kubelet_restarts += 1 + int(outcome.rolled_back)
         material, diagnosis = self.diagnose_now()
+        # The files as healed are the previous diagnosis now: the same fault again logs its
+        # findings (and who caused them) again, although this diagnosis is not logged.
+        self.last_codes = tuple(diagnosis.codes)
         if _is_as_written(material, outcome.written):
             self.own = fingerprint(material)  # the events of our own renames change nothing
         else:  # someone changed the files while we installed or waited for kubelet

@@ -43,6 +43,7 @@ SPEC_DEFAULTS = {
         "recheck": 300.0,
         "state_dir": "/var/lib/kubecertd",
         "backups": 3,
+        "audit_log": "",
     },
     "metrics": {"textfile": ""},
 }
@@ -278,6 +279,13 @@ def test_whole_numbers_and_booleans() -> None:
     )
 
 
+def test_audit_log_is_off_unless_set() -> None:
+    """[daemon] audit_log is "" (not read) by default and takes the log's path."""
+    assert load(None).daemon.audit_log == ""
+    cfg = load('[daemon]\naudit_log = "/var/log/audit/audit.log"\n')
+    assert cfg.daemon.audit_log == "/var/log/audit/audit.log"
+
+
 # -- unknown keys and wrong types ----------------------------------------------------------
 
 
@@ -318,6 +326,7 @@ def test_source_is_not_a_setting() -> None:
         ('files = "worker.pem"\n', "files"),
         ("ssl_dir = {path = '/x'}\n", "ssl_dir"),
         ("[metrics]\ntextfile = 1979-05-27\n", "metrics.textfile"),
+        ("[daemon]\naudit_log = true\n", "daemon.audit_log"),
     ],
     ids=[
         "string-got-number",
@@ -331,6 +340,7 @@ def test_source_is_not_a_setting() -> None:
         "section-got-string",
         "setting-got-table",
         "string-got-date",
+        "audit-log-got-bool",
     ],
 )
 def test_wrong_type(text: str, dotted: str) -> None:

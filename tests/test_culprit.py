@@ -950,6 +950,22 @@ def test_book_explains_a_path_by_file_then_folder_then_lost() -> None:
     assert book.explaining("/srv/other.pem", now) is not None
 
 
+def test_book_does_not_explain_by_records_kubecertd_has_written_over() -> None:
+    """A record on a file kubecertd rewrote since explains nothing (a newer one in the
+    folder does); --check still shows it as the file's last recorded change."""
+    now = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.timezone.utc)
+    key, cert = "/etc/kubernetes/ssl/worker-key.pem", "/etc/kubernetes/ssl/worker.pem"
+    cp = _record("write", key, 60, now, comm="cp")
+    book = Book((cp,))
+    assert book.explaining(key, now) == cp
+    book.rewrote([cert, key], now - dt.timedelta(seconds=30))
+    assert book.explaining(key, now) is None
+    mv = _record("rename", "/etc/kubernetes/ssl/other.pem", 5, now, new_file=cert)
+    book.add([mv])
+    assert book.explaining(key, now) == mv
+    assert book.latest(key) == cp
+
+
 def test_book_round_trips_through_its_state_file() -> None:
     """What the daemon writes to its state folder reads back as the same records."""
     now = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.timezone.utc)
