@@ -66,7 +66,7 @@ bench: deps
 	rm -rf $(BENCH_VENV)
 	/usr/bin/python3 -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --no-deps .
-	$(BENCH_VENV)/bin/pip install --quiet 'cryptography>=42'
+	$(BENCH_VENV)/bin/pip install --quiet 'cryptography>=42' 'PyYAML>=6'
 	KUBECERTD=$(BENCH_VENV)/bin/kubecertd bench/check.sh
 
 # kubecertd_<version>_amd64.deb in the repository root: a self-contained /opt/kubecertd

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -57,6 +58,92 @@ def healing_node(**create: Any) -> Iterator[HealingNode]:
                 ):
                     shutil.rmtree(Path(bind[0]).parent, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -- variants of the agent: drop-ins of kubecertd.service ------------------------------------
+
+AGENT_DROPIN = f"/etc/systemd/system/{AGENT}.d/bench-variant.conf"
+# Without CAP_SYS_ADMIN in the bounding set, Daemon._open_witness makes no fanotify group
+# (one "witness" warning in the journal) and the agent heals as always.
+NO_WITNESS = (
+    "[Service]\n"
+    "# bench: without CAP_SYS_ADMIN, Daemon._open_witness makes no fanotify group\n"
+    "CapabilityBoundingSet=~CAP_SYS_ADMIN\n"
+)
+NODE_SRC = "/etc/kubecertd/bench-src"  # --agent-src copies (the unit's PrivateTmp hides /tmp)
+
+
+def parse_agent_src(items: Sequence[str]) -> list[tuple[str, Path]]:
+    """``--agent-src NAME=DIR`` arguments: DIR holds a ``kubecertd`` package (e.g. a
+    ``git archive`` of an older commit)."""
+    out = []
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in ("src", "traced"):
+            raise SystemExit(f"--agent-src {item!r}: NAME=DIR, NAME of letters, digits, ._-")
+        if not (Path(folder) / "kubecertd" / "__init__.py").is_file():
+            raise SystemExit(f"--agent-src {item!r}: {folder}/kubecertd is not a package")
+        out.append((name, Path(folder)))
+    return out
+
+
+def copy_agent_src(node: Node, agent_src: Sequence[tuple[str, Path]]) -> None:
+    """Each package into the node, where ``src_dropin(name)`` finds it."""
+    for name, folder in agent_src:
+        shutil.copytree(
+            folder / "kubecertd",
+            node.path(f"{NODE_SRC}/{name}/kubecertd"),
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        found = node.python(
+            "import kubecertd; print(kubecertd.__file__)",
+            env={"PYTHONPATH": f"{NODE_SRC}/{name}"},
+            check=True,
+        ).stdout.strip()
+        if not found.startswith(f"{NODE_SRC}/{name}/"):  # the venv's finder must come after
+            raise RuntimeError(f"PYTHONPATH={NODE_SRC}/{name} imports kubecertd from {found}")
+
+
+def src_dropin(name: str) -> str:
+    """The shipped unit running the package ``copy_agent_src`` put under ``name``: first
+    on the agent's PYTHONPATH, before the venv's (editable) kubecertd."""
+    return f"[Service]\nEnvironment=PYTHONPATH={NODE_SRC}/{name}\n"
+
+
+def base_dropin(src: Path | None, no_witness: bool = False) -> str | None:
+    """The drop-in of the shipped agent (None: the unit as shipped), or of the agent
+    without the witness; with ``src`` (``--src``, copied as "src"), running that package."""
+    text = (NO_WITNESS if no_witness else "") + (src_dropin("src") if src else "")
+    return text or None
+
+
+def restart_unit(node: Node, unit: str) -> None:
+    """``systemctl restart``, up to 3 times: a start can time out on a busy shared machine."""
+    for attempt in range(3):
+        if node.systemctl("restart", unit, timeout=60).returncode == 0:
+            return
+        tail = node.run(["journalctl", "--no-pager", "-u", unit, "-n", "15"]).stdout
+        print(f"  restarting {unit} failed (attempt {attempt + 1}):\n{tail}", flush=True)
+        node.systemctl("reset-failed", unit)
+        time.sleep(2)
+    raise RuntimeError(f"cannot restart {unit}")
+
+
+def restart_agent(h: HealingNode, dropin: str | None) -> float:
+    """The agent restarted with ``dropin`` as AGENT_DROPIN (None: the shipped unit) and
+    healthy; the time (time.time()) just before the restart."""
+    node = h.node
+    if dropin is None:
+        node.path(AGENT_DROPIN).unlink(missing_ok=True)
+    else:
+        node.write_file(AGENT_DROPIN, dropin)
+    node.systemctl("daemon-reload", check=True)
+    if (AGENT_DROPIN in node.unit_property(AGENT, "DropInPaths")) != (dropin is not None):
+        raise RuntimeError(f"{AGENT_DROPIN} is not as asked after daemon-reload")
+    started = time.time()
+    restart_unit(node, AGENT)
+    wait_healthy(h)
+    return started
 
 
 def node_processes(node: Node) -> Iterator[int]:

@@ -27,6 +27,22 @@ journald's socket, µs) where present, else __REALTIME_TIMESTAMP. The configured
 debounce is subtracted: "beyond debounce" = what kubecertd and systemd add to the wait
 that the operator configured.
 
+Variants, measured in the same run so that they compare: ``--no-witness`` also heals
+with the agent restarted without CAP_SYS_ADMIN in its bounding set (a drop-in: no
+fanotify group, as on a host without the capability), and ``--agent-src NAME=DIR`` also
+with the ``kubecertd`` package of DIR (e.g. ``git archive`` of an older commit) first on
+the agent's PYTHONPATH; ``--src DIR`` runs the agent itself (with and without the
+witness) from DIR's package the same way, so that what is measured is a commit rather
+than this checkout's working tree (the signer runs the venv's). With variants, the runs
+of each are split into ``--blocks`` blocks (default 2), taken in turn; every block
+restarts the agent and begins with ``--warmup`` heals that are not counted (the first
+heal of an agent imports and warms up more).
+
+Every heal must restart kubelet: the node's kubelet stand-in is a Python program, so the
+agent cannot ask it ``--version``, and ``[kubelet] restart = "auto"`` restarts when the
+version is unknown. A heal whose ``kubelet-restarted`` result is not ``done`` (no
+restart, or the hourly budget spent) is reported apart.
+
 Phase 2 (``--trace-runs``, default 10) restarts the agent with bench/agent_trace/
 sitecustomize.py on its PYTHONPATH (a drop-in; kubecertd is not edited), which records
 spans of the functions a heal goes through (signer round trips down to TCP connect and
@@ -43,7 +59,7 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +69,19 @@ from _nodebench import (
     AGENT,
     KUBELET,
     HealingNode,
+    base_dropin,
+    copy_agent_src,
     fmt_header,
     fmt_row,
     healing_node,
     journal_since,
     loadavg,
     machine,
+    parse_agent_src,
     renice_node,
+    restart_agent,
+    restart_unit,
+    src_dropin,
     summary,
     wait,
     wait_healthy,
@@ -218,15 +240,7 @@ def enable_trace(h: HealingNode) -> None:
         )
     node.systemctl("daemon-reload", check=True)
     for unit in (SIGNER, AGENT):
-        for attempt in range(3):  # a start can time out on a busy shared machine
-            if node.systemctl("restart", unit, timeout=60).returncode == 0:
-                break
-            tail = node.run(["journalctl", "--no-pager", "-u", unit, "-n", "15"]).stdout
-            print(f"  restarting {unit} failed (attempt {attempt + 1}):\n{tail}", flush=True)
-            node.systemctl("reset-failed", unit)
-            time.sleep(2)
-        else:
-            raise RuntimeError(f"cannot restart {unit} with the trace drop-in")
+        restart_unit(node, unit)
     wait_healthy(h, "the traced agent healthy")
     for unit, mode in ((AGENT, "1"), (SIGNER, "signer")):
         env = node.unit_property(unit, "Environment")
@@ -311,6 +325,12 @@ def span_breakdown(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, dic
             continue
         lo, hi = heal_cycle[1], heal_cycle[1] + heal_cycle[2]
         add_run([s for s in spans if lo <= s[1] <= hi], lo, per_name, offsets)
+        # the witness: its events are read (and their actors captured) before inotify's
+        witnessed = [s for s in spans if s[0] == "Daemon._on_witness" and run["t0"] <= s[1] < lo]
+        if witnessed:
+            per_name["(Daemon._on_witness between t0 and the cycle)"]["wall"].append(
+                sum(s[2] for s in witnessed) / 1000
+            )
         # detection: the inotify read after the unlink, then the debounce timer
         changes = [s for s in spans if s[0] == "Daemon._on_changes" and run["t0"] <= s[1] < lo]
         if changes:
@@ -359,19 +379,63 @@ def main() -> int:
         "value, e.g. -10, so that other tenants of a shared machine get less in the way",
     )
     parser.add_argument(
+        "--no-witness",
+        action="store_true",
+        help="also heal with the agent restarted without CAP_SYS_ADMIN (no fanotify witness)",
+    )
+    parser.add_argument(
+        "--agent-src",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also heal with the kubecertd package of DIR (e.g. git archive of an older "
+        "commit) under the shipped unit; repeatable",
+    )
+    parser.add_argument(
+        "--src",
+        type=Path,
+        help="the directory of the kubecertd package that the agent runs, with and without "
+        "the witness (e.g. git archive of HEAD; default: the venv's, i.e. this checkout's "
+        "working tree); the signer runs the venv's",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="with variants: each variant's runs in this many blocks, taken in turn (default 2)",
+    )
+    parser.add_argument(
         "--out", type=Path, help="write every run's timeline and the summary as JSON"
     )
     args = parser.parse_args()
     if args.runs < 1 or args.runs > 500 or args.trace_runs < 0 or args.trace_runs > 200:
         parser.error("--runs 1..500, --trace-runs 0..200")
     debounce_us = int(parse_duration_ms(args.debounce) * 1000)
-    budget = args.runs + args.trace_runs + 2 * args.warmup + 10
+    agent_src = parse_agent_src(args.agent_src)
+    if args.src and not (args.src / "kubecertd" / "__init__.py").is_file():
+        parser.error(f"--src {args.src}: no kubecertd package there")
+    if args.src and args.trace_runs:
+        parser.error("--src: the traced phase runs the venv's package; use --trace-runs 0")
+    variants: list[tuple[str, str | None]] = [("plain", base_dropin(args.src))]
+    if args.no_witness:
+        variants.append(("plain, no witness", base_dropin(args.src, no_witness=True)))
+    variants += [(f"plain, {name}", src_dropin(name)) for name, _ in agent_src]
+    blocks = args.blocks or (2 if len(variants) > 1 else 1)
+    if not 1 <= blocks <= args.runs:
+        parser.error("--blocks 1..--runs")
+    sizes = [args.runs // blocks + (1 if i < args.runs % blocks else 0) for i in range(blocks)]
+    # (phase, drop-in, heals counted, restart the agent first)
+    restart = len(variants) > 1 or args.src is not None
+    schedule = [(name, dropin, size, restart) for size in sizes for name, dropin in variants]
+    heals = (args.runs + blocks * args.warmup) * len(variants) + args.trace_runs + args.warmup
+    budget = heals + 10
 
     info = machine()
     print(
         f"machine: {info['nproc']} CPUs, {info['cpu']}, load average {info['loadavg']} (at start)"
     )
-    print(f"debounce {args.debounce}, settle {args.settle}, {args.runs} runs (+{args.warmup} warm-up), "
+    print(f"debounce {args.debounce}, settle {args.settle}, {args.runs} runs (+{args.warmup} warm-up) "
+          f"of {', '.join(name for name, _ in variants)} in {blocks} block(s), "
           f"{args.trace_runs} traced runs", flush=True)  # fmt: skip
     result: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
     started = time.monotonic()
@@ -380,13 +444,22 @@ def main() -> int:
         if args.nice is not None:
             threads = renice_node(h.node, args.nice)
             print(f"reniced {threads} threads of the node to {args.nice}", flush=True)
+        copy_agent_src(h.node, agent_src + ([("src", args.src)] if args.src else []))
         kubelet = wait_idle(h, 0, args.gap)
-        phases = [("plain", args.runs, False)]
+        phases = [
+            (name, count, False, dropin, restart) for name, dropin, count, restart in schedule
+        ]
         if args.trace_runs:
-            phases.append(("traced", args.trace_runs, True))
-        for phase, count, trace in phases:
+            phases.append(("traced", args.trace_runs, True, None, False))
+        for phase, count, trace, dropin, restart in phases:
             if trace:
+                if len(variants) > 1:
+                    restart_agent(h, None)  # the shipped unit, then the trace drop-ins
                 enable_trace(h)
+                kubelet = wait_idle(h, 0, args.gap)
+            elif restart:
+                print(f"{phase}: the agent restarted with its drop-in", flush=True)
+                restart_agent(h, dropin)
                 kubelet = wait_idle(h, 0, args.gap)
             runs = []
             for i in range(args.warmup + count):
@@ -403,15 +476,24 @@ def main() -> int:
                       f"{total if total is None else round(total, 1)} ms, machine {busy:.0%} busy before"
                       f"{' (kubelet had crashed on its own)' if marks['kubelet_crashed'] else ''}"
                       f"  load {marks['loadavg']}", flush=True)  # fmt: skip
-            result[phase] = runs
+            result.setdefault(phase, []).extend(runs)
     result["machine"]["loadavg_end"] = loadavg()
 
-    for phase in ("plain", "traced"):
+    names = [name for name, _ in variants] + ["traced"]
+    for phase in names:
         runs = result.get(phase)
         if not runs:
             continue
         per_run = [intervals(m, debounce_us) for m in runs]
-        clean = [r for r, m in zip(per_run, runs, strict=True) if not m["kubelet_crashed"]]
+        results = Counter(str(m["restart_result"]) for m in runs)
+        if set(results) != {"done"}:
+            print(f"\n   {phase}: kubelet-restarted results {dict(results)}: only 'done' is a restart; "
+                  "the others have no restart job and are left out")  # fmt: skip
+        clean = [
+            r
+            for r, m in zip(per_run, runs, strict=True)
+            if not m["kubelet_crashed"] and m["restart_result"] in ("done", None)
+        ]
         crashed = [
             r["TOTAL beyond debounce (-> job done)"]
             for r, m in zip(per_run, runs, strict=True)
@@ -452,10 +534,28 @@ def main() -> int:
         met = table["TOTAL beyond debounce (-> job done)"].get("median", float("inf")) <= 100
         print(f"target median <= 100 ms beyond debounce: {'MET' if met else 'NOT MET'}")
 
+    if len(variants) > 1:
+        print(f"\n== side by side: the same node, {blocks} block(s) per variant, in turn ==")
+        print(fmt_header(46))
+        for key in (
+            "TOTAL beyond debounce (-> job done)",
+            "debounce -> installed",
+            "  installed -> systemd Stopping (agent)",
+            "  agent's share (excl. Stopping->Started)",
+            "installed -> restart job done",
+        ):
+            print(key.strip())
+            for name, _ in variants:
+                print(fmt_row(f"  {name}", result.get(f"{name}_summary", {}).get(key, {}), 46))
+
     traced = result.get("traced")
     if traced:
         order, per_name = span_breakdown(traced)
-        head = ["(t0 -> inotify event read)", "(last inotify read -> cycle start: the debounce)"]
+        head = [
+            "(t0 -> inotify event read)",
+            "(Daemon._on_witness between t0 and the cycle)",
+            "(last inotify read -> cycle start: the debounce)",
+        ]
         result["traced_spans"] = print_spans(
             "where the heal cycle's time goes (traced agent; per heal: wall ms, calls, CPU ms)",
             head + order, per_name,

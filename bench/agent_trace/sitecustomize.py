@@ -163,6 +163,34 @@ def _install() -> None:
         blocking.DBusConnection, "send_and_get_reply", "dbus.call", label=lambda a, k: _member(a[1])
     )
     _wrap(blocking.DBusConnection, "recv_until_filtered", "dbus.wait_JobRemoved")
+    # Since layouts, kubelet facts and the witness (each may be missing in an older agent)
+    for args in (
+        (
+            daemon,
+            "observe",
+            "evidence.observe",
+        ),  # kubelet's journal lines when a finding is an error
+        ("kubecertd.edges.kubelet_log", "recent_lines", "kubelet_log.recent_lines"),
+        (heal.Healer, "restart_decision", "Healer.restart_decision"),
+        (heal, "kubelet_version", "kubelet_version"),
+        (heal.Healer, "_no_failure_since", "Healer._no_failure_since"),
+        (daemon.Daemon, "_on_witness", "Daemon._on_witness"),
+        (daemon.Daemon, "explain", "Daemon.explain"),
+        (daemon, "replace_file", "daemon.replace_file"),  # the witness's state file
+        ("kubecertd.edges.fanotify", "Witness.read", "Witness.read"),
+        ("kubecertd.edges.fanotify", "Witness.rearm", "Witness.rearm"),
+        ("kubecertd.edges.culprit_proc", "Attributor.capture", "Attributor.capture"),
+    ):
+        with contextlib.suppress(Exception):
+            owner, attr, name = args
+            if isinstance(owner, str):
+                import importlib
+
+                owner = importlib.import_module(owner)
+                *path, attr = attr.split(".")
+                for part in path:
+                    owner = getattr(owner, part)
+            _wrap(owner, attr, name)
 
 
 def _install_signer() -> None:
