@@ -38,6 +38,7 @@ DEFAULT_SSL_DIR = "/etc/kubernetes/ssl"
 class Found(NamedTuple):
     layout: Layout
     node_name: str  # kubelet's: node_name if set, else --hostname-override, else the hostname
+    unit: KubeletUnit | None = None  # [kubelet] unit as read on the way, if it was
 
 
 class LayoutNotFound(ConfigError):
@@ -49,7 +50,8 @@ class LayoutNotFound(ConfigError):
 def locate(config: Config, root: str = "/") -> tuple[Config, Layout]:
     """The layout of this node, and the config with kubelet's node name."""
     found = find_layout(config, root)
-    found = found._replace(layout=with_kubelet(found.layout, config, root))
+    read = found.unit if found.unit is not None and found.unit.unit == found.layout.unit else None
+    found = found._replace(layout=with_kubelet(found.layout, config, root, read))
     kubelet = config.kubelet._replace(unit=found.layout.unit)  # the unit to restart
     return config._replace(node_name=found.node_name, kubelet=kubelet), found.layout
 
@@ -63,6 +65,10 @@ def find_layout(config: Config, root: str = "/") -> Found:
         if config.layout in (AUTO, KUBECONFIG, KUBEADM)
         else None
     )
+    return _find(config, root, unit)._replace(unit=unit)
+
+
+def _find(config: Config, root: str, unit: KubeletUnit | None) -> Found:
     node = _node_name(config, unit)
     looked = [
         f"[kubelet] unit {config.kubelet.unit}: {'read ' + ', '.join(unit.files) if unit else 'no unit file'}"
@@ -192,14 +198,16 @@ def layout_from_credentials(name: str, credentials: Credentials, unit: str, why:
     )
 
 
-def with_kubelet(layout: Layout, config: Config, root: str = "/") -> Layout:
+def with_kubelet(
+    layout: Layout, config: Config, root: str = "/", unit: KubeletUnit | None = None
+) -> Layout:
     """The layout with what kubelet's unit says about it: whether kubelet rotates the
     certificate itself (its --rotate-certificates, else rotateCertificates in the
     KubeletConfiguration of [kubelet] config or its --config) and its program."""
     from .discover import parse_kubelet_config  # noqa: PLC0415
     from .kubelet import rotation_of  # noqa: PLC0415
 
-    unit = _read_unit(layout.unit, root)
+    unit = unit or _read_unit(layout.unit, root)  # read once: --check pays for each file
     flags = unit.flags if unit is not None else None
     path = config.kubelet.config or (flags.config if flags else None)
     kubelet_config, error = None, None
