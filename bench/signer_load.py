@@ -4,7 +4,8 @@
 Every request is a fresh TCP connection and a full TLS handshake with a client
 certificate (no keep-alive, no session resumption), as a node renewing its kubelet
 certificate does.  The CSRs are made before timing and the same ones go to every
-server.  Servers measured, each at 1, 16 and 256 concurrent clients:
+server.  Servers (``--servers``; by default kubecertd, cfssl and the two TLS floors),
+each at 1, 16 and 256 concurrent clients:
 
 - ``kubecertd``: ``kubecertd-signer serve --workers 2``, POST /v1/sign (201), node
   identities enrolled through ``token create`` + POST /v1/enroll, the per-node rate
@@ -12,10 +13,16 @@ server.  Servers measured, each at 1, 16 and 256 concurrent clients:
 - ``cfssl``: Debian's ``golang-cfssl`` (``cfssl serve -mutual-tls-ca``), POST
   /api/v1/cfssl/sign with a client-auth profile (200, ``"success":true``), the same
   cluster CA, serving certificate, identity CA and client identities;
-- ``aiohttp-floor``: an aiohttp app run like the signer's (same TLS context, same
-  runner settings, 2 workers) whose handler reads the body and answers 201 ``{}``;
-- ``tls-floor``: the same TLS context on a bare asyncio protocol that reads the
-  request and answers a fixed 201: what any signer on Python asyncio + OpenSSL pays.
+- the floors: the signer's certificates and TLS settings (TLS 1.2+, client
+  certificates optional but verified against the identity and cluster CAs, no session
+  cache), 2 pre-forked workers sharing one listening socket, each reading the request
+  and answering a fixed 201 ``{}``: what any signer built that way pays.
+  ``tls-floor``: pyOpenSSL, non-blocking connections on the socket fd in one
+  single-threaded ``selectors`` loop per worker (the signer's model from issue 13 on);
+  ``tls-floor-threads``: pyOpenSSL, blocking connections on 16 threads per worker;
+  ``tls-floor-asyncio``: Python's ``ssl`` on a bare asyncio protocol, and
+  ``aiohttp-floor``: an aiohttp app run as the aiohttp signer ran its own (the
+  signer's model before issue 13).
 
 The clients are 2 processes (both cores), each with ``clients/2`` threads doing
 blocking ``socket`` + ``ssl`` I/O; each request wraps a new socket with no session.
@@ -27,8 +34,9 @@ neither the server nor the clients: on a shared machine, read the numbers with i
 
 Other modes: ``--components N`` times each step of an issuance in-process (CPU per
 call); ``--py-spy DIR`` records the Python servers during each level and prints
-where kubecertd's samples went; ``--patch tickets0,uvloop`` runs the Python servers
-with what-if changes applied from a sitecustomize (kubecertd itself is not edited).
+where each server's samples went; ``--patch tickets0,uvloop`` runs the Python servers
+with what-if changes applied from a sitecustomize and OPENSSL_CONF (kubecertd itself
+is not edited).
 
 Usage: .venv/bin/python bench/signer_load.py [--quick] [--out results.json]
 Needs `cfssl` on PATH (apt-get install golang-cfssl) unless --servers leaves it out.
@@ -40,23 +48,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import multiprocessing as mp
 import os
 import platform
 import re
+import selectors
 import shutil
 import signal
 import socket
 import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -308,13 +319,78 @@ def client_context(ca: str, cert: str | None = None, key: str | None = None) -> 
     return context
 
 
-# --- the TLS floor server (run as a subprocess of this file: --floor-server) ----------------
+# --- the floor servers (run as a subprocess of this file: --floor-server) --------------------
+#
+# Each floor is the signer's certificates and TLS settings, a worker model and its
+# socket handling, and nothing else: every request is answered with the same fixed
+# 201. The TLS contexts are built here, not taken from kubecertd.signer.serve, so that
+# the floors of both models stay measurable whatever the signer runs on.
 
+AIOHTTP_KEEPALIVE_TIMEOUT = 15.0  # as the aiohttp signer ran (agents open one per request)
+FLOOR_THREADS = 16  # blocking connections per worker in tls-floor-threads, as in issue 13
+ACCEPT_BATCH = 100  # accepts per wake-up of a selector floor (asyncio's default backlog)
 
 _FLOOR_RESPONSE = (
     b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
     b"Connection: close\r\n\r\n{}"
 )
+
+
+def request_complete(data: bytes) -> bool:
+    """Whether ``data`` holds one whole HTTP request (headers + Content-Length body)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    match = re.search(rb"(?i)content-length:\s*(\d+)", head)
+    return not match or len(body) >= int(match[1])
+
+
+def stdlib_tls_context(config: Any) -> ssl.SSLContext:
+    """As the aiohttp signer's ``serve.tls_context``: TLS 1.2+, client certificates
+    optional but verified against the identity and cluster CAs, no session tickets."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls.cert, config.tls.key)
+    for ca in (config.identity_ca.cert, config.cluster_ca.cert):
+        context.load_verify_locations(cafile=ca)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET
+    return context
+
+
+def pyopenssl_context(config: Any, verify: bool = True) -> Any:
+    """The same settings on pyOpenSSL (the OpenSSL that the cryptography wheel bundles).
+
+    VERIFY_PEER without FAIL_IF_NO_PEER_CERT: a certificate is optional, one that is
+    presented must verify. pyOpenSSL has no ``SSL_CTX_set_num_tickets``: OP_NO_TICKET
+    with the cache off still sends two stateful TLS 1.3 tickets per handshake
+    (``--patch tickets0`` stops them through OPENSSL_CONF's ``NumTickets``).
+    """
+    from OpenSSL import SSL
+
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.use_certificate_chain_file(config.tls.cert)
+    context.use_privatekey_file(config.tls.key)
+    context.check_privatekey()
+    for ca in (config.identity_ca.cert, config.cluster_ca.cert):
+        context.load_verify_locations(ca)
+    if verify:
+        context.set_verify(SSL.VERIFY_PEER)
+    context.set_options(SSL.OP_NO_TICKET)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return context
+
+
+def listening_socket(port: int, blocking: bool) -> socket.socket:
+    """Bound and listening as ``serve.bind`` does; shared by the pre-forked workers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, port))
+    sock.listen(4096)
+    sock.setblocking(blocking)  # O_NONBLOCK is on the open file: all workers share it
+    return sock
 
 
 class _FloorProtocol(asyncio.Protocol):
@@ -332,32 +408,18 @@ class _FloorProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        head, sep, body = self.buffer.partition(b"\r\n\r\n")
-        if not sep:
-            return
-        match = re.search(rb"(?i)content-length:\s*(\d+)", head)
-        if match and len(body) < int(match[1]):
+        if not request_complete(self.buffer):
             return
         assert self.transport is not None
         self.transport.write(_FLOOR_RESPONSE)
         self.transport.close()
 
 
-def floor_server(config_path: str, port: int, workers: int, mode: str) -> int:
-    """The signer's TLS context and socket handling, and nothing else, in N workers.
+def asyncio_floor(config: Any, sock: socket.socket) -> None:
+    """``tls-floor-asyncio``: Python's ``ssl`` under a bare asyncio protocol."""
+    context = stdlib_tls_context(config)
 
-    ``mode`` ``asyncio``: a bare asyncio protocol; ``aiohttp``: an aiohttp app run
-    exactly as ``kubecertd-signer serve`` runs its own (AppRunner, SockSite, no access
-    log), whose one handler reads the body and answers 201 ``{}``.
-    """
-    sys.path.insert(0, str(REPO))
-    from kubecertd.signer.config import read_signer_config
-    from kubecertd.signer.serve import KEEPALIVE_TIMEOUT, bind, tls_context
-
-    context = tls_context(read_signer_config(config_path))
-    sock = bind(f"{HOST}:{port}")
-
-    async def bare() -> None:
+    async def serve() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(_FloorProtocol, sock=sock, ssl=context, backlog=4096)
         stopped = asyncio.Event()
@@ -365,17 +427,28 @@ def floor_server(config_path: str, port: int, workers: int, mode: str) -> int:
         async with server:
             await stopped.wait()
 
-    async def with_aiohttp() -> None:
-        from aiohttp import web
+    asyncio.run(serve())
 
-        async def answer(request: web.Request) -> web.Response:
-            await request.read()
-            return web.json_response({}, status=201)
 
+def aiohttp_floor(config: Any, sock: socket.socket) -> None:
+    """``aiohttp-floor``: an aiohttp app run as the aiohttp signer ran its own (AppRunner,
+    SockSite, no access log), whose one handler reads the body and answers 201 ``{}``."""
+    from aiohttp import web
+
+    context = stdlib_tls_context(config)
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({}, status=201)
+
+    async def serve() -> None:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_post("/v1/sign", answer)
         runner = web.AppRunner(
-            app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT, handle_signals=False
+            app,
+            access_log=None,
+            keepalive_timeout=AIOHTTP_KEEPALIVE_TIMEOUT,
+            handle_signals=False,
         )
         await runner.setup()
         await web.SockSite(runner, sock, ssl_context=context, backlog=4096).start()
@@ -384,12 +457,142 @@ def floor_server(config_path: str, port: int, workers: int, mode: str) -> int:
         await stopped.wait()
         await runner.cleanup()
 
+    asyncio.run(serve())
+
+
+@dataclass(eq=False)
+class _Client:
+    """One connection of the selector floor and how far it got."""
+
+    sock: socket.socket
+    tls: Any  # OpenSSL.SSL.Connection on the socket's fd
+    request: bytes = b""
+    answer: bytes | None = None  # what is left to send, once the request is complete
+    handshaken: bool = False
+    waiting: int = 0  # the selector events it is registered for (0: not registered)
+
+
+def _advance(selector: selectors.BaseSelector, client: _Client) -> None:
+    """Take one connection as far as it goes without blocking; wait on the selector for
+    what OpenSSL wants next (a TLS 1.3 read may want to write, and the other way round),
+    or close it when it is done or failed."""
+    from OpenSSL import SSL
+
+    try:
+        if not client.handshaken:
+            client.tls.do_handshake()
+            client.handshaken = True
+        while client.answer is None:
+            client.request += client.tls.recv(65536)
+            if request_complete(client.request):
+                client.answer = _FLOOR_RESPONSE
+        while client.answer:
+            client.answer = client.answer[client.tls.send(client.answer) :]
+        client.tls.shutdown()  # our close_notify; the client's is not waited for
+    except SSL.WantReadError:
+        _wait(selector, client, selectors.EVENT_READ)
+        return
+    except SSL.WantWriteError:
+        _wait(selector, client, selectors.EVENT_WRITE)
+        return
+    except (SSL.Error, OSError):  # a failed handshake, a reset: the client counts it
+        pass
+    if client.waiting:
+        selector.unregister(client.sock)
+    client.sock.close()
+
+
+def _wait(selector: selectors.BaseSelector, client: _Client, events: int) -> None:
+    if not client.waiting:
+        selector.register(client.sock, events, client)
+    elif client.waiting != events:
+        selector.modify(client.sock, events, client)
+    client.waiting = events
+
+
+def selector_floor(config: Any, sock: socket.socket) -> None:
+    """``tls-floor``: non-blocking pyOpenSSL connections on the socket fd, served by one
+    single-threaded ``selectors`` loop per worker, as the signer serves them."""
+    from OpenSSL import SSL
+
+    context = pyopenssl_context(config)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    while True:
+        for key, _events in selector.select():
+            if key.data is not None:
+                _advance(selector, key.data)
+                continue
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, _address = sock.accept()
+                except OSError:  # BlockingIOError: another worker took it
+                    break
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tls = SSL.Connection(context, conn)
+                tls.set_accept_state()
+                _advance(selector, _Client(conn, tls))  # the ClientHello may be here
+
+
+def threads_floor(config: Any, sock: socket.socket) -> None:
+    """``tls-floor-threads``: blocking pyOpenSSL connections, FLOOR_THREADS threads per
+    worker each accepting from the shared socket (the kernel hands a connection to one
+    waiting thread), as issue 13's measurement served them."""
+    from OpenSSL import SSL
+
+    context = pyopenssl_context(config)
+    timeout = struct.pack("ll", int(REQUEST_TIMEOUT), 0)  # struct timeval: a stuck client
+
+    def serve() -> None:
+        while True:
+            conn, _address = sock.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+                tls = SSL.Connection(context, conn)
+                tls.set_accept_state()
+                with contextlib.suppress(SSL.Error, OSError):
+                    tls.do_handshake()
+                    request = b""
+                    while not request_complete(request):
+                        request += tls.recv(65536)
+                    tls.sendall(_FLOOR_RESPONSE)
+                    tls.shutdown()
+
+    threads = [threading.Thread(target=serve, daemon=True) for _ in range(FLOOR_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+# server name -> (one worker's loop, whether the shared socket blocks)
+FLOORS: dict[str, tuple[Callable[[Any, socket.socket], None], bool]] = {
+    "tls-floor": (selector_floor, False),
+    "tls-floor-threads": (threads_floor, True),
+    "tls-floor-asyncio": (asyncio_floor, False),
+    "aiohttp-floor": (aiohttp_floor, False),
+}
+SERVERS = ("kubecertd", "cfssl", *FLOORS)
+
+
+def floor_server(config_path: str, port: int, workers: int, name: str) -> int:
+    """The floor ``name`` in ``workers`` pre-forked processes sharing one socket."""
+    sys.path.insert(0, str(REPO))
+    from kubecertd.signer.config import read_signer_config
+
+    config = read_signer_config(config_path)
+    worker, blocking = FLOORS[name]
+    sock = listening_socket(port, blocking)
     children = []
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
             try:
-                asyncio.run(with_aiohttp() if mode == "aiohttp" else bare())
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                worker(config, sock)
             finally:
                 os._exit(0)
         children.append(pid)
@@ -511,22 +714,27 @@ if "uvloop" in _wanted:
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-if "tickets0" in _wanted:
-    import kubecertd.signer.serve as _serve
+"""
 
-    _tls_context = _serve.tls_context
-
-    def _no_tickets(config):
-        context = _tls_context(config)
-        context.num_tickets = 0
-        return context
-
-    _serve.tls_context = _no_tickets
+# tickets0: no TLS 1.3 session tickets, through OpenSSL's own configuration, which both
+# Debian's OpenSSL (Python's ssl) and the one bundled with cryptography (pyOpenSSL, which
+# has no SSL_CTX_set_num_tickets) apply to every new SSL_CTX. It replaces Debian's
+# openssl.cnf, whose [openssl_init] is empty.
+# https://docs.openssl.org/3.0/man3/SSL_CONF_cmd/ (NumTickets)
+_NO_TICKETS_CNF = """\
+openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+NumTickets = 0
 """
 
 
 def patch_env(work: str, patches: str, extra_path: str) -> dict[str, str] | None:
-    """The environment for a server run with ``--patch`` experiments (sitecustomize)."""
+    """The environment for a server run with ``--patch`` experiments (sitecustomize,
+    OPENSSL_CONF)."""
     if not patches:
         return None
     directory = os.path.join(work, "patches")
@@ -536,6 +744,9 @@ def patch_env(work: str, patches: str, extra_path: str) -> dict[str, str] | None
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["SIGNER_LOAD_PATCH"] = patches
+    if "tickets0" in patches.split(","):
+        Path(directory, "openssl.cnf").write_text(_NO_TICKETS_CNF)
+        env["OPENSSL_CONF"] = os.path.join(directory, "openssl.cnf")
     return env
 
 
@@ -613,10 +824,9 @@ def start_cfssl(material: Material, work: str, probe: ssl.SSLContext) -> Server:
 
 
 def start_floor(
-    material: Material, work: str, workers: int, probe: ssl.SSLContext, mode: str,
+    material: Material, work: str, workers: int, probe: ssl.SSLContext, name: str,
     env: dict[str, str] | None = None,
 ) -> Server:  # fmt: skip
-    name = "tls-floor" if mode == "asyncio" else "aiohttp-floor"
     port = free_port()
     log_path = os.path.join(work, f"{name}.log")
     process = start(
@@ -627,7 +837,7 @@ def start_floor(
             material.config,
             str(port),
             str(workers),
-            mode,
+            name,
         ],
         log_path,
         env,
@@ -635,6 +845,14 @@ def start_floor(
     server = Server(name, port, "/v1/sign", process, 201, log_path=log_path)
     wait_ready(server, probe, http_request("POST", "/v1/sign", port, b"{}"), 201)
     server.notes["workers"] = workers
+    if name in ("tls-floor", "tls-floor-threads"):
+        from OpenSSL import SSL
+
+        server.notes["openssl"] = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+        if name == "tls-floor-threads":
+            server.notes["threads_per_worker"] = FLOOR_THREADS
+    else:
+        server.notes["openssl"] = ssl.OPENSSL_VERSION
     return server
 
 
@@ -765,6 +983,7 @@ class LevelResult:
     error_kinds: dict[str, int]
     tls_versions: dict[str, int]
     bad_answers: dict[str, int]
+    busy_before_pct: float = float("nan")  # the machine just before the level (wait_quiet)
 
 
 def start_profilers(
@@ -904,7 +1123,31 @@ def machine_description() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION,
+        "pyopenssl_openssl": _pyopenssl_version(),
     }
+
+
+def _pyopenssl_version() -> str:
+    try:
+        from OpenSSL import SSL, __version__
+    except ImportError:
+        return "-"
+    return f"pyOpenSSL {__version__} on {SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}"
+
+
+def quiet_line(results: list[LevelResult], limit_pct: float, max_wait: float) -> str:
+    """Whether every level started on a quiet machine (``--quiet-pct``)."""
+    loud = [r for r in results if r.busy_before_pct > limit_pct]
+    if not loud:
+        return (
+            f"Quiet wait: all {len(results)} levels started with the machine at most "
+            f"{limit_pct:g}% busy."
+        )
+    named = ", ".join(f"{r.server} {r.clients} ({r.busy_before_pct:.0f}%)" for r in loud)
+    return (
+        f"Quiet wait: {len(loud)} of {len(results)} levels started after {max_wait:g} s "
+        f"without the machine falling to {limit_pct:g}% busy: {named}."
+    )
 
 
 def markdown_table(results: list[LevelResult]) -> str:
@@ -941,44 +1184,55 @@ def ab_table(results: list[LevelResult]) -> str:
 
 
 def ratio_lines(results: list[LevelResult]) -> list[str]:
+    """Per level: kubecertd against cfssl, and kubecertd and cfssl against each floor."""
     by = {(r.server, r.clients): r for r in results}
     lines = []
     for clients in sorted({r.clients for r in results}):
-        ours, theirs, floor, web_floor = (
-            by.get((name, clients)) for name in ("kubecertd", "cfssl", "tls-floor", "aiohttp-floor")
-        )
+        ours, theirs = by.get(("kubecertd", clients)), by.get(("cfssl", clients))
         parts = []
         if ours and theirs and theirs.issuances_per_s:
             parts.append(
                 f"throughput kubecertd/cfssl {ours.issuances_per_s / theirs.issuances_per_s:.2f}"
             )
             parts.append(
-                f"CPU/issuance kubecertd/cfssl {ours.server_cpu_ms_per_issuance / theirs.server_cpu_ms_per_issuance:.2f}"
+                "CPU/issuance kubecertd/cfssl "
+                f"{ours.server_cpu_ms_per_issuance / theirs.server_cpu_ms_per_issuance:.2f}"
             )
-        if ours and web_floor:
-            parts.append(
-                f"kubecertd above the aiohttp floor {ours.server_cpu_ms_per_issuance - web_floor.server_cpu_ms_per_issuance:.3f} ms"
-            )
-        if ours and floor:
-            parts.append(
-                f"kubecertd above the TLS floor {ours.server_cpu_ms_per_issuance - floor.server_cpu_ms_per_issuance:.3f} ms"
-            )
+        for name in FLOORS:
+            floor = by.get((name, clients))
+            if not floor:
+                continue
+            if ours:
+                above = ours.server_cpu_ms_per_issuance - floor.server_cpu_ms_per_issuance
+                parts.append(f"kubecertd above {name} {above:.3f} ms")
+            if theirs:
+                ratio = floor.server_cpu_ms_per_issuance / theirs.server_cpu_ms_per_issuance
+                parts.append(f"CPU/request {name}/cfssl {ratio:.2f}")
         if parts:
             lines.append(f"- {clients} clients: " + "; ".join(parts))
     return lines
 
 
 def verdict(results: list[LevelResult]) -> list[str]:
+    """Issue 13's targets: at 256 clients, kubecertd's server CPU per issuance at most
+    cfssl's and its issuances/s at least cfssl's, measured in the same run; no errors."""
     ours = {r.clients: r for r in results if r.server == "kubecertd"}
+    theirs = {r.clients: r for r in results if r.server == "cfssl"}
     out = []
-    if 256 in ours:
-        r = ours[256]
+    if 256 in ours and 256 in theirs:
+        r, c = ours[256], theirs[256]
+        cpu, cpu_c = r.server_cpu_ms_per_issuance, c.server_cpu_ms_per_issuance
+        rate, rate_c = r.issuances_per_s, c.issuances_per_s
         out.append(
-            f"target server CPU <= 1.0 ms/issuance at 256 clients: {r.server_cpu_ms_per_issuance:.3f} ms -> {'met' if r.server_cpu_ms_per_issuance <= 1.0 else 'NOT met'}"
+            f"target server CPU/issuance at 256 clients <= cfssl's: {cpu:.3f} ms against "
+            f"{cpu_c:.3f} ms -> {'met' if cpu <= cpu_c else 'NOT met'}"
         )
         out.append(
-            f"target >= 800 issuances/s at 256 clients: {r.issuances_per_s:,.0f}/s -> {'met' if r.issuances_per_s >= 800 else 'NOT met'}"
+            f"target issuances/s at 256 clients >= cfssl's: {rate:,.0f}/s against "
+            f"{rate_c:,.0f}/s -> {'met' if rate >= rate_c else 'NOT met'}"
         )
+    elif 256 in ours:
+        out.append("targets against cfssl at 256 clients: not judged (cfssl not in this run)")
     errors = sum(r.errors for r in ours.values())
     out.append(f"target no errors: {errors} errors -> {'met' if errors == 0 else 'NOT met'}")
     return out
@@ -988,11 +1242,16 @@ def verdict(results: list[LevelResult]) -> list[str]:
 
 # (category, substrings of a frame); each sample goes to the first category one of its
 # frames matches, innermost frame first, so a socket send inside aiohttp counts as a send.
+# pyOpenSSL's connections do their socket I/O inside OpenSSL: it counts as TLS there.
+_PYOPENSSL = "(OpenSSL/SSL.py"
 PROFILE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("idle (epoll wait)", ("EpollSelector.select",)),
-    ("TLS handshake (OpenSSL, in SSLObject.do_handshake)", ("SSLObject.do_handshake",)),
-    ("TLS records + shutdown (SSLObject read/write/unwrap)",
-     ("SSLObject.read ", "SSLObject.write ", "SSLObject.unwrap", "SSLObject._create", "wrap_bio")),
+    ("TLS handshake (OpenSSL: ssl's SSLObject / pyOpenSSL's Connection do_handshake)",
+     ("SSLObject.do_handshake", f"do_handshake {_PYOPENSSL}")),
+    ("TLS records + shutdown (SSLObject read/write/unwrap; Connection recv/send/shutdown)",
+     ("SSLObject.read ", "SSLObject.write ", "SSLObject.unwrap", "SSLObject._create", "wrap_bio",
+      *(f"{name} {_PYOPENSSL}" for name in ("recv", "recv_into", "send", "sendall", "shutdown",
+                                            "__init__", "set_accept_state")))),
     ("socket syscalls (send, recv, accept, close)",
      ("_SelectorSocketTransport.write ", "_read_ready__get_buffer (asyncio/selector_events.py:970)",
       "socket.accept", "socket._real_close", "_accept_connection ")),
@@ -1007,7 +1266,8 @@ PROFILE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("JSON + response body", ("json", "certificate_pem", "serial_hex", "iso (")),
     ("other kubecertd code", ("kubecertd/",)),
     ("aiohttp", ("aiohttp/",)),
-    ("asyncio + SSLProtocol (pure Python)", ("asyncio/", "selectors.py")),
+    ("h11", ("h11/",)),
+    ("event loop: asyncio + SSLProtocol, selectors (pure Python)", ("asyncio/", "selectors.py")),
 )  # fmt: skip
 
 
@@ -1041,6 +1301,16 @@ def summarize_profiles(paths: Sequence[str]) -> list[tuple[str, float, float]]:
     ]  # fmt: skip
 
 
+def profile_files(directory: str, server: str, clients: int) -> list[str]:
+    """The py-spy raw files of ``server`` at ``clients`` (one per process of its tree)."""
+    prefix = f"{server}-{clients}-"
+    return sorted(
+        str(path)
+        for path in Path(directory).iterdir()
+        if path.name.startswith(prefix) and path.name[len(prefix) : -4].isdigit()
+    )
+
+
 # --- components: the CPU of each step of one issuance, in this process --------------------
 
 
@@ -1061,8 +1331,7 @@ def components(work: str, iterations: int) -> list[tuple[str, float]]:
     from kubecertd.signer import metrics, policy
     from kubecertd.signer.authority import load_authority
     from kubecertd.signer.config import read_signer_config
-    from kubecertd.signer.serve import tls_context
-    from kubecertd.signer.store import ISSUED, AuditRecord, open_store
+    from kubecertd.signer.store import ISSUED, AuditRecord, Commit, open_store
 
     material, _keys = make_material(work, 64, 1)
     config = read_signer_config(material.config)
@@ -1098,19 +1367,23 @@ def components(work: str, iterations: int) -> list[tuple[str, float]]:
             action(i)
         results.append((name, (time.process_time() - began) / n * 1000))
 
-    # TLS: a full handshake in memory, the server side only
-    def handshake_cost(server: ssl.SSLContext, label: str, n: int) -> None:
-        clients = [
-            client_context(
-                material.identity_ca, f"{ident_dir}/{node}.pem", f"{ident_dir}/{node}-key.pem"
-            )
-            for node in nodes[:8]
-        ]
+    # TLS: a full handshake in memory, the server side only, on each TLS library
+    clients = [
+        client_context(
+            material.identity_ca, f"{ident_dir}/{node}.pem", f"{ident_dir}/{node}-key.pem"
+        )
+        for node in nodes[:8]
+    ]
+    n_tls = max(100, iterations // 2)
+
+    def stdlib_handshake(server: ssl.SSLContext, label: str) -> None:
         spent = 0.0
-        for i in range(n):
+        for i in range(n_tls):
             c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
             client = clients[i % len(clients)].wrap_bio(c_in, c_out, server_hostname="localhost")
+            began = time.process_time()
             srv = server.wrap_bio(s_in, s_out, server_side=True)
+            spent += time.process_time() - began
             done_c = done_s = False
             for _round in range(10):
                 if not done_c:
@@ -1131,17 +1404,58 @@ def components(work: str, iterations: int) -> list[tuple[str, float]]:
             srv.write(b"x" * 1500)  # an answer: TLS 1.3 tickets go out by now
             srv.getpeercert(binary_form=True)
             spent += time.process_time() - began
-        results.append((label, spent / n * 1000))
+        results.append((label, spent / n_tls * 1000))
 
-    n_tls = max(100, iterations // 2)
-    handshake_cost(tls_context(config), "TLS handshake (serve.tls_context as is: 2 tickets)", n_tls)
-    no_tickets = tls_context(config)
-    no_tickets.num_tickets = 0
-    handshake_cost(no_tickets, "TLS handshake, num_tickets = 0", n_tls)
-    no_client = tls_context(config)
-    no_client.num_tickets = 0
+    def pyopenssl_handshake(server: Any, label: str) -> None:
+        spent = 0.0
+        for i in range(n_tls):
+            c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            client = clients[i % len(clients)].wrap_bio(c_in, c_out, server_hostname="localhost")
+            began = time.process_time()
+            srv = SSL.Connection(server, None)  # memory BIOs
+            srv.set_accept_state()
+            spent += time.process_time() - began
+            done_c = done_s = False
+            for _round in range(10):
+                if not done_c:
+                    with contextlib.suppress(ssl.SSLWantReadError):
+                        client.do_handshake()
+                        done_c = True
+                hello = c_out.read()
+                began = time.process_time()
+                if hello:
+                    srv.bio_write(hello)
+                if not done_s:
+                    with contextlib.suppress(SSL.WantReadError):
+                        srv.do_handshake()
+                        done_s = True
+                answer = _bio_drain(srv)
+                spent += time.process_time() - began
+                c_in.write(answer)
+                if done_c and done_s:
+                    break
+            began = time.process_time()
+            srv.send(b"x" * 1500)
+            srv.get_peer_certificate(as_cryptography=True)
+            _bio_drain(srv)
+            spent += time.process_time() - began
+        results.append((label, spent / n_tls * 1000))
+
+    system = " ".join(ssl.OPENSSL_VERSION.split()[:2])
+    stdlib_handshake(stdlib_tls_context(config), f"TLS handshake, ssl on {system}")
+    no_client = stdlib_tls_context(config)
     no_client.verify_mode = ssl.CERT_NONE
-    handshake_cost(no_client, "TLS handshake, num_tickets = 0, no client certificate", n_tls)
+    stdlib_handshake(no_client, f"TLS handshake, ssl on {system}, no client certificate")
+    from OpenSSL import SSL
+
+    bundled = " ".join(SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode().split()[:2])
+    pyopenssl_handshake(
+        pyopenssl_context(config), f"TLS handshake, pyOpenSSL on {bundled} (2 stateful tickets)"
+    )
+    pyopenssl_handshake(
+        pyopenssl_context(config, verify=False),
+        f"TLS handshake, pyOpenSSL on {bundled}, no client certificate",
+    )
 
     ders = [pki.certificate_pem(c) for c in identity_certs]
     ders = [x509.load_pem_x509_certificate(p).public_bytes(Encoding.DER) for p in ders]
@@ -1192,24 +1506,32 @@ def components(work: str, iterations: int) -> list[tuple[str, float]]:
             message="issued", key_fingerprint=d.key_fingerprint, peer="127.0.0.1",
         )  # fmt: skip
 
+    def with_certificate(record: AuditRecord, cert: Any) -> AuditRecord:
+        return dataclasses.replace(
+            record,
+            serial=pki.serial_hex(cert),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+        )
+
     timed(
-        "AuditRecord + _with_certificate",
-        lambda i: signer_app._with_certificate(record_for(i), certs[i % len(certs)]),
+        "AuditRecord + its certificate's fields",
+        lambda i: with_certificate(record_for(i), certs[i % len(certs)]),
     )
     store = open_store(os.path.join(work, "component-state.db"), "")
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(store.open())
-    records = [
-        signer_app._with_certificate(record_for(i), certs[i % len(certs)]) for i in range(64)
-    ]
+    store.open()
+    records = [with_certificate(record_for(i), certs[i % len(certs)]) for i in range(64)]
     timed(
-        "store.commit (SQLite BEGIN IMMEDIATE, rate-limit query, INSERT, COMMIT)",
-        lambda i: loop.run_until_complete(
-            store.commit(records[i % len(records)], rate_limit=100_000_000)
-        ),
+        "store.commit, 1 record (SQLite FULL: BEGIN IMMEDIATE, rate-limit query, INSERT, COMMIT)",
+        lambda i: store.commit(records[i % len(records)], rate_limit=100_000_000),
     )
-    loop.run_until_complete(store.close())
-    loop.close()
+    batch = [Commit(record, None, 100_000_000) for record in records[:8]]
+    timed(
+        "store.commit_many, a group of 8 (divide by 8 for one record's share)",
+        lambda i: store.commit_many(batch),
+        n=max(1, iterations // 8),
+    )
+    store.close()
     saved = sys.stderr
     with open(os.path.join(work, "journal.log"), "w") as sys.stderr:  # as the server's log
         timed(
@@ -1235,7 +1557,7 @@ def components(work: str, iterations: int) -> list[tuple[str, float]]:
 
     def answer(i: int) -> None:
         cert = certs[i % len(certs)]
-        signer_app.web.json_response(
+        signer_app.json_response(
             {
                 "certificate": pki.certificate_pem(cert).decode(),
                 "ca_bundle": authority.cluster_bundle,
@@ -1247,6 +1569,17 @@ def components(work: str, iterations: int) -> list[tuple[str, float]]:
 
     timed("response: certificate_pem + json_response", answer)
     return results
+
+
+def _bio_drain(tls: Any) -> bytes:
+    """Everything a memory-BIO pyOpenSSL connection has to send now."""
+    from OpenSSL import SSL
+
+    out = b""
+    with contextlib.suppress(SSL.WantReadError):
+        while True:
+            out += tls.bio_read(65536)
+    return out
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -1285,8 +1618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--servers",
-        default="kubecertd,cfssl,aiohttp-floor,tls-floor",
-        help="which servers, comma-separated",
+        default="kubecertd,cfssl,tls-floor-asyncio,tls-floor",
+        help=f"which servers, comma-separated, of: {', '.join(SERVERS)}",
     )
     parser.add_argument(
         "--workers", type=int, default=2, help="signer (and floor) worker processes"
@@ -1319,8 +1652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--patch", default="",
-        help="what-if experiments for the Python servers, comma-separated: tickets0 (TLS "
-        "num_tickets = 0), uvloop (needs uvloop importable, see --patch-path)",
+        help="what-if experiments for the Python servers, comma-separated: tickets0 (no "
+        "TLS 1.3 session tickets, through OPENSSL_CONF), uvloop (needs uvloop importable, "
+        "see --patch-path)",
     )  # fmt: skip
     parser.add_argument(
         "--ab", default="", metavar="VARIANTS",
@@ -1336,7 +1670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--floor-server",
         nargs=4,
-        metavar=("CONFIG", "PORT", "WORKERS", "MODE"),
+        metavar=("CONFIG", "PORT", "WORKERS", "NAME"),
         help=argparse.SUPPRESS,
     )
     args = parser.parse_args(argv)
@@ -1357,8 +1691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"| {name} | {share:.1f} | {busy_share:.1f} |")
         return 0
     if args.floor_server:
-        config, port, workers, mode = args.floor_server
-        return floor_server(config, int(port), int(workers), mode)
+        config, port, workers, name = args.floor_server
+        return floor_server(config, int(port), int(workers), name)
 
     sys.path.insert(0, str(REPO))
     duration = args.duration or (3.0 if args.quick else 10.0)
@@ -1366,6 +1700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     nodes = args.nodes or (128 if args.quick else 1024)
     levels = [int(v) for v in args.levels.split(",") if v]
     wanted = [v for v in args.servers.split(",") if v]
+    unknown = sorted(set(wanted) - set(SERVERS))
+    if unknown:
+        parser.error(f"--servers: unknown {', '.join(unknown)}; known: {', '.join(SERVERS)}")
     work = args.keep or tempfile.mkdtemp(prefix="signer-load-")
     if args.keep:
         os.makedirs(work, exist_ok=True)
@@ -1381,10 +1718,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             probe = client_context(material.identity_ca, *material.identity_files[0])
             if "cfssl" in wanted:
                 servers.append(start_cfssl(material, work, probe))
-            if "tls-floor" in wanted:
-                servers.append(start_floor(material, work, args.workers, probe, "asyncio", env))
-            if "aiohttp-floor" in wanted:
-                servers.append(start_floor(material, work, args.workers, probe, "aiohttp", env))
+            for name in FLOORS:
+                if name in wanted:
+                    servers.append(start_floor(material, work, args.workers, probe, name, env))
             active = [s for s in servers if s.name in wanted]
             variants = [v for v in args.ab.split(",") if v]
             for variant in variants:
@@ -1424,14 +1760,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             for clients in levels:
                 for server in active * (args.rounds if variants else 1):
-                    wait_quiet(args.quiet_pct, args.quiet_wait)
+                    busy_before = wait_quiet(args.quiet_pct, args.quiet_wait)
+                    if busy_before > args.quiet_pct:
+                        log(f"gave up waiting after {args.quiet_wait:g}s: {busy_before:.0f}% busy")
                     result = run_level(
                         server, contexts, prepared[server.name], clients, warmup, duration,
                         args.py_spy, args.native,
                     )  # fmt: skip
+                    result.busy_before_pct = busy_before
                     results.append(result)
                     log(
-                        f"{server.name:>10} {clients:>4} clients: {result.issuances_per_s:8.1f}/s "
+                        f"{server.name:>17} {clients:>4} clients: {result.issuances_per_s:8.1f}/s "
                         f"p50 {result.p50_ms:7.1f} ms p99 {result.p99_ms:7.1f} ms errors {result.errors} "
                         f"server CPU {result.server_cpu_ms_per_issuance:.3f} ms/issuance "
                         f"client CPU {result.client_cpu_ms_per_request:.3f} ms/req, others {result.other_load_pct:.0f}% {result.error_kinds or ''}"
@@ -1448,6 +1787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{nodes} node identities, {len(material.csrs)} CSRs; a fresh TLS connection per request.\n"
     )
     print(markdown_table(results))
+    print("\n" + quiet_line(results, args.quiet_pct, args.quiet_wait))
     if args.ab:
         print("\n" + ab_table(results))
     print(
@@ -1456,14 +1796,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.py_spy:
         for level in levels:
-            files = sorted(str(f) for f in Path(args.py_spy).glob(f"kubecertd-{level}-*.txt"))
-            if not files:
-                continue
-            print(f"\npy-spy, kubecertd at {level} clients (share of non-idle samples):\n")
-            print("| where | % |\n| --- | ---: |")
-            for name, _share, busy_share in summarize_profiles(files):
-                if busy_share:
-                    print(f"| {name} | {busy_share:.1f} |")
+            for server in active:
+                files = profile_files(args.py_spy, server.name, level)
+                if not files:
+                    continue
+                print(f"\npy-spy, {server.name} at {level} clients (share of non-idle samples):\n")
+                print("| where | % |\n| --- | ---: |")
+                for where, _share, busy_share in summarize_profiles(files):
+                    if busy_share:
+                        print(f"| {where} | {busy_share:.1f} |")
     print()
     for line in ratio_lines(results) + verdict(results):
         print(line)

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from kubecertd import pki
+from kubecertd.signer.authority import SERVICE_USER
 
 import factories
 from node_harness import PROJECT, TOOLS, VENV, Cluster, Node
@@ -489,6 +490,7 @@ class HealingNode:
             binds=[(signer_dir, SIGNER_DIR, "ro")],
             overlays=["/usr/lib/systemd/catalog"],  # so a test can install our catalog
         )
+        _hand_over_signer(node, signer_dir)
         cluster.install_apiserver(node)
         shape.prepare(node, cluster)
         shape.install(node, cluster, cluster.kubelet_pair(shape.node_name(node)))
@@ -644,6 +646,18 @@ def _init_signer(scratch: Path, cluster: Cluster) -> Path:
     # The node sees this folder as /etc/kubecertd/signer: its config names those paths.
     (signer_dir / "signer.toml").write_text(SIGNER_CONFIG)
     return signer_dir
+
+
+def _hand_over_signer(node: Node, signer_dir: Path) -> None:
+    """The signer's system user in the node, made from the shipped sysusers.d file as the
+    package's postinst makes it, gets the keys and the folder that ``init`` would have
+    given it had the host such a user: the shipped unit runs the signer as that user."""
+    sysusers = PROJECT / "systemd" / "kubecertd-signer.sysusers"
+    node.run(["systemd-sysusers", str(sysusers)], check=True)
+    entry = node.run(["getent", "passwd", SERVICE_USER], check=True).stdout.split(":")
+    uid, gid = int(entry[2]), int(entry[3])
+    for path in (signer_dir, *signer_dir.glob("*-key.pem")):
+        os.chown(path, uid, gid)
 
 
 def serial_of(pem: bytes) -> str:

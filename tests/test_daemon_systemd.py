@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import pytest
 
-from healing_node import AGENT, HealingNode, matching, node_of, serial_of
+from kubecertd.signer.authority import SERVICE_USER
+
+from healing_node import AGENT, SIGNER, HealingNode, matching, node_of, serial_of
 from node_harness import PROJECT, VENV, Node
 
 NODE = "server2277z.prod.jp.local"
@@ -120,6 +122,24 @@ def test_signer_down_backs_off_then_heals(healing: HealingNode) -> None:
     healing.node.systemctl("start", "kubecertd-signer.service", check=True)
     healing.wait_event("renewed", after=renewed, timeout=40)
     assert healing.check_json()["healthy"] is True
+
+
+def test_signer_serves_as_its_own_user(healing: HealingNode) -> None:
+    """The shipped signer unit runs as kubecertd-signer with no capability, on the keys that
+    user owns, and its state is that user's (the node enrolled through it)."""
+    node = healing.node
+    uid = node.run(["id", "-u", SERVICE_USER], check=True).stdout.strip()
+    cgroup = node.unit_property(SIGNER, "ControlGroup")
+    pids = node.run(["cat", f"/sys/fs/cgroup{cgroup}/cgroup.procs"], check=True).stdout.split()
+    assert pids
+    for pid in pids:
+        lines = node.run(["cat", f"/proc/{pid}/status"], check=True).stdout.splitlines()
+        status = dict(line.split(":\t", 1) for line in lines)
+        assert status["Uid"].split() == [uid] * 4, pid
+        assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0, pid
+    state = "/var/lib/kubecertd-signer"
+    owners = node.run(["stat", "-c", "%u %a", state, f"{state}/state.db"], check=True).stdout
+    assert owners.splitlines() == [f"{uid} 700", f"{uid} 600"]
 
 
 @pytest.mark.parametrize(

@@ -347,11 +347,6 @@ def test_enroll_with_a_bad_trust_anchor_fails_at_once(
     assert "gave up" not in err and "Traceback" not in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve.py: asyncio closes a failed TLS 1.3 handshake without sending the alert, so "
-    "the agent sees 'Remote end closed connection' and cannot tell a rejection from an outage",
-)
 def test_check_fix_with_another_nodes_identity_is_refused_once(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, signer: Signer
 ) -> None:

@@ -315,13 +315,6 @@ def test_unverifiable_client_certificate_fails_handshake(
         context.wrap_socket(raw, server_hostname="127.0.0.1").close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve.py: asyncio closes a failed TLS 1.3 handshake without sending the alert, "
-    "so clients see 'Remote end closed connection' (requests ConnectionError, curl 52), "
-    "not an SSLError naming the certificate problem",
-    raises=requests.ConnectionError,
-)
 def test_unknown_ca_is_an_ssl_error_under_tls13(signer: Signer, tmp_path: Path) -> None:
     """A TLS 1.3 client presenting a certificate from an unknown CA gets an SSLError (an alert)."""
     client = untrusted_client(signer, tmp_path, "unknown-ca")

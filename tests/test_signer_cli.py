@@ -7,7 +7,6 @@ status and output.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import json
@@ -25,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from kubecertd import pki
 from kubecertd.signer.cli import main
 from kubecertd.signer.config import read_signer_config
-from kubecertd.signer.store import ISSUED, REFUSED, AuditRecord
+from kubecertd.signer.store import ISSUED, REFUSED, AuditRecord, Commit
 from kubecertd.signer.store.sqlite import SqliteStore
 
 import factories
@@ -481,15 +480,12 @@ AUDIT_FIELDS = [
 def audited(tmp_path: Path, *records: AuditRecord) -> Path:
     """A new signer's config whose state database holds ``records``."""
     config = init_signer_dir(tmp_path / "signer")
-
-    async def write() -> None:
-        store = SqliteStore(read_signer_config(str(config)).state)
-        await store.open()
-        for each in records:
-            await store.commit(each)
-        await store.close()
-
-    asyncio.run(write())
+    store = SqliteStore(read_signer_config(str(config)).state)
+    store.open()
+    try:
+        store.commit_many([Commit(each) for each in records])
+    finally:
+        store.close()
     return config
 
 

@@ -1,26 +1,27 @@
-"""The signer's aiohttp application: an app factory and thin handlers.
+"""The signer's API: routes and thin handlers, with no HTTP library in them.
 
-Each issuing handler reads the peer certificate and the body, calls the pure policy,
-writes exactly one audit record through the store, and renders JSON.  Every error
-body is ``{"error": CODE, "message": TEXT}`` with SPEC's codes; nothing else (no
-traceback, no token secret) ever reaches a client.  A body is read whole (at most
-MAX_BODY bytes, within BODY_TIMEOUT) and must be strict JSON (``parse_body``) before a
-handler looks at a field.
+``kubecertd.signer.server`` parses HTTP/1.1 and hands each request to ``Signer.handle``
+as a ``Request``; a handler is a coroutine whose only awaits are the request's body
+(``Request.read``, served by the connection) and the state store (``Database``, served
+by the worker's database thread), and it returns a ``Response``.  Each issuing handler
+authenticates from the client certificate the TLS handshake verified, reads the body,
+calls the pure policy, writes exactly one audit record through the store, and renders
+JSON.  Every error body is ``{"error": CODE, "message": TEXT}`` with SPEC's codes;
+nothing else (no traceback, no token secret) ever reaches a client.  A body is read
+whole (at most MAX_BODY bytes, within BODY_TIMEOUT) and must be strict JSON
+(``parse_body``) before a handler looks at a field.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import datetime as dt
 import json
-import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-from aiohttp.http import HttpProcessingError
 from cryptography import x509
 
 from .. import pki
@@ -28,10 +29,10 @@ from ..edges import journal
 from . import metrics, policy, tokens
 from .authority import Authority
 from .config import Policy
-from .store import ISSUED, REFUSED, AuditRecord, Store, StoreError
+from .store import ISSUED, REFUSED, AuditRecord, Commit, StoreError, TokenInfo, Verdict
 
 MAX_BODY = 64 * 1024
-BODY_TIMEOUT = 10.0  # seconds to receive a whole request body
+BODY_TIMEOUT = 10.0  # seconds to receive a whole request body, from its headers
 MAX_DEPTH = 32  # levels of arrays and objects in a body; SPEC's bodies have one
 MAX_DIGITS = 100  # digits of a JSON integer; SPEC's bodies have none
 MAX_CLAIM = 1024  # bytes of UTF-8 in a sign request's "culprits"
@@ -40,7 +41,7 @@ Clock = Callable[[], dt.datetime]
 
 @dataclass(frozen=True)
 class Refusal(Exception):
-    """An error answer in SPEC's shape; raised by handlers, rendered by the middleware."""
+    """An error answer in SPEC's shape; raised by handlers, rendered by ``Signer.handle``."""
 
     status: int
     code: str
@@ -49,97 +50,168 @@ class Refusal(Exception):
     close: bool = False  # the connection cannot carry another request after this one
 
 
-STORE = web.AppKey("store", Store)
-AUTHORITY = web.AppKey("authority", Authority)
-POLICY = web.AppKey("policy", Policy)
-CLOCK: web.AppKey[Clock] = web.AppKey("clock")
-
-
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def create_app(
-    authority: Authority, store: Store, rules: Policy, clock: Clock = utcnow
-) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
-    app[AUTHORITY], app[STORE], app[POLICY], app[CLOCK] = authority, store, rules, clock
-    app.cleanup_ctx.append(_store_lifetime)
-    app.router.add_get("/v1/ca", get_ca)
-    app.router.add_post("/v1/enroll", post_enroll)
-    app.router.add_post("/v1/identity", post_identity)
-    app.router.add_post("/v1/sign", post_sign)
-    app.router.add_get("/healthz", get_healthz)
-    app.router.add_get("/metrics", get_metrics)
-    return app
+# -- what the server gives a handler, and what it gets back ----------------------------------
 
 
-async def _store_lifetime(app: web.Application) -> Any:
-    await app[STORE].open()
-    yield
-    await app[STORE].close()
+class Wait:
+    """What a handler awaits: the server resumes it with the result (or throws into it).
+
+    ``kind`` is ``"body"`` (the connection reads the rest of the request), ``"commit"``
+    (the database thread writes ``payload``, a ``store.Commit``, in the next group
+    commit) or ``"call"`` (the database thread returns ``payload(store)``).
+    """
+
+    __slots__ = ("kind", "payload")
+
+    def __init__(self, kind: str, payload: Any = None) -> None:
+        self.kind = kind
+        self.payload = payload
+
+    def __await__(self) -> Generator[Wait, Any, Any]:
+        return (yield self)
 
 
-# -- middleware: SPEC's error bodies for everything ------------------------------------------
+BODY = Wait("body")
 
 
-def error_body(
-    status: int, code: str, message: str, retry_after: int | None = None
-) -> web.Response:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+class Database:
+    """The store as handlers await it: each call runs on the worker's database thread.
+
+    Commits waiting together are written in one transaction (group commit) and each
+    handler resumes only once it is durable.
+    """
+
+    async def commit(
+        self,
+        record: AuditRecord,
+        *,
+        spend_token: str | None = None,
+        rate_limit: int | None = None,
+    ) -> Verdict:
+        verdict: Verdict = await Wait("commit", Commit(record, spend_token, rate_limit))
+        return verdict
+
+    async def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
+        found: TokenInfo | None = await Wait("call", lambda store: store.find_token(token_id, now))
+        return found
+
+    async def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
+        listed: list[TokenInfo] = await Wait("call", lambda store: store.list_tokens(now))
+        return listed
 
 
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    started = time.perf_counter()
-    try:
-        return await handler(request)
-    except Refusal as refusal:
-        response = error_body(refusal.status, refusal.code, refusal.message, refusal.retry_after)
-        if refusal.close:
-            response.force_close()
-        return response
-    except StoreError:
-        journal.send(
-            "refused", "state database unavailable; nothing issued", journal.ERR, code="unavailable"
-        )
-        return error_body(
-            503, "unavailable", "the signer's state database is unavailable; try again"
-        )
-    except web.HTTPException as exc:  # 404 and 405 from aiohttp's router
-        return http_error(request, exc)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: log, answer 500
-        message = f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"
-        journal.send("refused", message, journal.ERR, code="internal")
-        return error_body(500, "internal", "internal error; see the signer's journal")
-    finally:
-        metrics.LATENCY.labels(request.path if request.path in _KNOWN_PATHS else "other").observe(
-            time.perf_counter() - started
-        )
+@dataclass
+class Request:
+    """One parsed request: what the server knows of it and of its connection."""
+
+    method: str
+    path: str  # percent-decoded, without the query
+    remote: str  # the client's address
+    peer: x509.Certificate | None = None  # the client certificate the handshake verified
+    issuer: x509.Certificate | None = None  # the CA that signed it, from the verified chain
+
+    async def read(self) -> bytes:
+        """The whole body, decoded from its Content-Encoding; or a Refusal (400, 408, 413)."""
+        body: bytes = await BODY
+        return body
 
 
-_KNOWN_PATHS = {"/v1/ca", "/v1/enroll", "/v1/identity", "/v1/sign", "/healthz", "/metrics"}
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    close: bool = False  # close the connection after this answer
 
 
-def http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
-    """aiohttp's router's refusal in SPEC's shape, saying what would work."""
-    path = _short(request.path)
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = sorted(exc.allowed_methods)
-        response = error_body(
-            405,
-            "method-not-allowed",
-            f"{_short(request.method)} is not allowed on {path}; allowed: {', '.join(allowed)}",
-        )
-        response.headers["Allow"] = ", ".join(allowed)  # RFC 9110: a 405 must carry Allow
-        return response
-    if exc.status == 404:
-        paths = ", ".join(sorted(_KNOWN_PATHS))
-        return error_body(404, "not-found", f"no endpoint at {path}; the API has {paths}")
-    return error_body(exc.status, "bad-request" if exc.status < 500 else "internal", exc.reason)
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(value).encode())
+
+
+def error_body(status: int, code: str, message: str, retry_after: int | None = None) -> Response:
+    answer = json_response({"error": code, "message": message}, status)
+    if retry_after is not None:
+        answer.headers.append(("Retry-After", str(retry_after)))
+    return answer
+
+
+Handler = Callable[["Signer", Request], Awaitable[Response]]
+
+
+class Signer:
+    """The API: the routes, what every handler shares, and the error rendering."""
+
+    def __init__(
+        self,
+        authority: Authority,
+        rules: Policy,
+        database: Database | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.authority = authority
+        self.rules = rules
+        self.db = database or Database()
+        self.clock = clock
+        self.cluster_cas = list(authority.cluster_certs)
+        # The answers that never change, rendered once.
+        self.ca_answer = json.dumps({"ca_bundle": authority.cluster_bundle}).encode()
+
+    async def handle(self, request: Request) -> Response:
+        """The answer to ``request``: a handler's, or SPEC's error body for what it raised."""
+        started = time.perf_counter()
+        methods = ROUTES.get(request.path)
+        try:
+            if methods is None:
+                return not_found(request)
+            handler = methods.get(request.method)
+            if handler is None:
+                return method_not_allowed(request, methods)
+            return await handler(self, request)
+        except Refusal as refusal:
+            answer = error_body(refusal.status, refusal.code, refusal.message, refusal.retry_after)
+            answer.close = refusal.close
+            return answer
+        except StoreError:
+            journal.send(
+                "refused",
+                "state database unavailable; nothing issued",
+                journal.ERR,
+                code="unavailable",
+            )
+            return error_body(
+                503, "unavailable", "the signer's state database is unavailable; try again"
+            )
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: log, answer 500
+            message = f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"
+            journal.send("refused", message, journal.ERR, code="internal")
+            return error_body(500, "internal", "internal error; see the signer's journal")
+        finally:
+            path = request.path if methods is not None else "other"
+            metrics.LATENCY.labels(path).observe(time.perf_counter() - started)
+
+
+def not_found(request: Request) -> Response:
+    paths = ", ".join(sorted(ROUTES))
+    return error_body(
+        404, "not-found", f"no endpoint at {_short(request.path)}; the API has {paths}"
+    )
+
+
+def method_not_allowed(request: Request, methods: dict[str, Handler]) -> Response:
+    """405, naming what would work in the message and in Allow (RFC 9110 requires it)."""
+    allowed = sorted(methods)
+    answer = error_body(
+        405,
+        "method-not-allowed",
+        f"{_short(request.method)} is not allowed on {_short(request.path)}; allowed: {', '.join(allowed)}",
+    )
+    answer.headers.append(("Allow", ", ".join(allowed)))
+    return answer
 
 
 def _short(text: str, limit: int = 100) -> str:
@@ -151,104 +223,40 @@ def _one_line(text: str, limit: int = 200) -> str:
     return _short(" ".join(text.split()), limit)
 
 
-def _reason(exc: BaseException) -> str:
-    """What aiohttp says is wrong with a request, on one line."""
-    for error in (exc, exc.__cause__):
-        if isinstance(error, HttpProcessingError):
-            return _one_line(error.message)
-    return _one_line(str(exc))
-
-
-class _JournalHandler(logging.Handler):
-    """aiohttp's server log as one journal line per event, never a traceback."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        exc = record.exc_info[1] if record.exc_info else None
-        what = record.getMessage()
-        # A request aiohttp could not parse, or a body it could not decode (which it
-        # meets again when it drains the body after our answer): the client's doing.
-        if isinstance(exc, HttpProcessingError | web.RequestPayloadError):
-            message = f"{what}: bad request from the client: {_reason(exc)}"
-            journal.send("refused", message, journal.WARNING, code="bad-request")
-        else:
-            detail = f": {type(exc).__name__}: {_one_line(str(exc))}" if exc else ""
-            journal.send("refused", f"internal error: {what}{detail}", journal.ERR, code="internal")
-
-
-def http_logger() -> logging.Logger:
-    """The logger for aiohttp's server, ``web.AppRunner(app, logger=http_logger())``.
-
-    aiohttp logs every request it cannot parse (a bad request line, a header line over
-    8190 bytes, a body framing it cannot follow) with ``logger.exception``: a traceback
-    of its own parser, on stderr when nothing else is set up.  This logger makes each
-    one a journal line instead (debug messages are dropped), in no global registry.
-    """
-    logger = logging.Logger("kubecertd-signer.http", logging.INFO)
-    logger.addHandler(_JournalHandler())
-    return logger
-
-
 # -- reading a request -----------------------------------------------------------------------
 
 
-def peer_certificate(request: web.Request) -> x509.Certificate | None:
-    """The client certificate of this connection (already verified by the TLS layer)."""
-    transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport else None
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-    return x509.load_der_x509_certificate(der) if der else None
-
-
-def identify(request: web.Request) -> policy.Identity | None:
-    authority = request.app[AUTHORITY]
+def identify(signer: Signer, request: Request) -> policy.Identity | None:
     return policy.authenticate(
-        peer_certificate(request),
-        list(authority.cluster_certs),
-        authority.identity.cert,
-        request.app[CLOCK](),
+        request.peer,
+        signer.cluster_cas,
+        signer.authority.identity.cert,
+        signer.clock(),
+        issuer=request.issuer,
     )
 
 
 async def require_identity(
-    request: web.Request, endpoint: str, via: tuple[str, ...]
+    signer: Signer, request: Request, endpoint: str, via: tuple[str, ...]
 ) -> policy.Identity:
     """The authenticated identity, or an audited 401 before the body is even read."""
-    identity = identify(request)
+    identity = identify(signer, request)
     if identity is not None and identity.via in via:
         return identity
-    peer = peer_certificate(request)
+    peer = request.peer
     who = f"certificate:{pki.serial_hex(peer)}" if peer else "anonymous"
     message = "a valid node identity certificate is needed for this request"
     record = AuditRecord(
-        time=request.app[CLOCK](), endpoint=endpoint, node=None, identity=who, reason="",
-        outcome=REFUSED, code="unauthenticated", message=message, peer=request.remote or "",
+        time=signer.clock(), endpoint=endpoint, node=None, identity=who, reason="",
+        outcome=REFUSED, code="unauthenticated", message=message, peer=request.remote,
     )  # fmt: skip
-    await request.app[STORE].commit(record)
+    await signer.db.commit(record)
     raise _refused(record, 401, "unauthenticated", message)
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
+async def read_json(request: Request) -> dict[str, Any]:
     """The body as a JSON object; else 413 too-large, 408 too-slow or 400 bad-request."""
-    return parse_body(await read_body(request))
-
-
-async def read_body(request: web.Request) -> bytes:
-    too_large = Refusal(413, "too-large", f"request body is over {MAX_BODY} bytes")
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise too_large
-    try:
-        return await asyncio.wait_for(request.read(), BODY_TIMEOUT)
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise too_large from exc
-    except asyncio.TimeoutError as exc:
-        raise Refusal(
-            408, "too-slow", f"request body not received within {BODY_TIMEOUT:g} s", close=True
-        ) from exc
-    except web.RequestPayloadError as exc:  # a Content-Encoding or chunked framing that fails
-        message = f"request body cannot be decoded: {_reason(exc)}"
-        raise Refusal(400, "bad-request", message, close=True) from exc
-    except ConnectionError as exc:  # the client left mid-body; nobody reads the answer
-        raise Refusal(400, "bad-request", "request body cut short", close=True) from exc
+    return parse_body(await request.read())
 
 
 class _Unaccepted(ValueError):
@@ -434,9 +442,9 @@ class Ask:
     claim: str | None = None  # audited as the node's word, never shown to the policy
 
 
-async def issue(request: web.Request, ask: Ask) -> tuple[x509.Certificate, str]:
+async def issue(signer: Signer, request: Request, ask: Ask) -> tuple[x509.Certificate, str]:
     """Decide, build, audit; the certificate and the node, or a ``Refusal``."""
-    app, now = request.app, request.app[CLOCK]()
+    now = signer.clock()
     decision = policy.decide(ask.csr, ask.identity, ask.kind)
     if ask.spend_token and decision.code == "forbidden-node":
         # A token bound to another node gets the same answer as any bad token.
@@ -454,26 +462,28 @@ async def issue(request: web.Request, ask: Ask) -> tuple[x509.Certificate, str]:
         code=decision.code,
         message=decision.message,
         key_fingerprint=decision.key_fingerprint,
-        peer=request.remote or "",
+        peer=request.remote,
         claim=ask.claim,
     )
     if not decision.accepted:
-        await app[STORE].commit(record)
+        await signer.db.commit(record)
         raise _refused(record, decision.status, decision.code or "bad-request", decision.message)
     if decision.public_key is None or decision.node is None:  # accepted always carries both
         raise Refusal(500, "internal", "accepted decision without a key")
-    issuer = app[AUTHORITY].cluster if ask.kind == policy.KUBELET else app[AUTHORITY].identity
-    lifetime = (
-        app[POLICY].cert_lifetime if ask.kind == policy.KUBELET else app[POLICY].identity_lifetime
-    )
+    kubelet = ask.kind == policy.KUBELET
+    issuer = signer.authority.cluster if kubelet else signer.authority.identity
+    lifetime = signer.rules.cert_lifetime if kubelet else signer.rules.identity_lifetime
     cert = policy.build_certificate(
         issuer, decision.public_key, decision.node, ask.kind,
         dt.timedelta(seconds=lifetime), now, policy.random_serial(),
     )  # fmt: skip
-    record = _with_certificate(record, cert)
-    verdict = await app[STORE].commit(
-        record, spend_token=ask.spend_token, rate_limit=ask.rate_limit
+    record = dataclasses.replace(
+        record,
+        serial=pki.serial_hex(cert),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
     )
+    verdict = await signer.db.commit(record, spend_token=ask.spend_token, rate_limit=ask.rate_limit)
     if verdict.code is not None:
         status = 429 if verdict.code == "rate-limited" else 403
         raise _refused(record, status, verdict.code, verdict.message, verdict.retry_after)
@@ -485,17 +495,6 @@ async def issue(request: web.Request, ask: Ask) -> tuple[x509.Certificate, str]:
         identity=record.identity, reason=ask.reason or None, endpoint=ask.endpoint,
     )  # fmt: skip
     return cert, decision.node
-
-
-def _with_certificate(record: AuditRecord, cert: x509.Certificate) -> AuditRecord:
-    from dataclasses import replace  # noqa: PLC0415
-
-    return replace(
-        record,
-        serial=pki.serial_hex(cert),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-    )
 
 
 def _refused(
@@ -514,22 +513,24 @@ def _refused(
 # -- handlers --------------------------------------------------------------------------------
 
 
-async def get_ca(request: web.Request) -> web.Response:
-    return web.json_response({"ca_bundle": request.app[AUTHORITY].cluster_bundle})
+async def get_ca(signer: Signer, request: Request) -> Response:
+    return Response(200, signer.ca_answer)
 
 
-async def get_healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
+async def get_healthz(signer: Signer, request: Request) -> Response:
+    return Response(200, b"ok", content_type="text/plain; charset=utf-8")
 
 
-async def get_metrics(request: web.Request) -> web.Response:
-    outstanding = await request.app[STORE].list_tokens(request.app[CLOCK]())
-    body = metrics.render(len(outstanding), request.app[AUTHORITY])
-    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+async def get_metrics(signer: Signer, request: Request) -> Response:
+    outstanding = await signer.db.list_tokens(signer.clock())
+    body = metrics.render(len(outstanding), signer.authority)
+    return Response(200, body, content_type="text/plain; charset=utf-8")
 
 
-async def post_sign(request: web.Request) -> web.Response:
-    identity = await require_identity(request, "sign", via=(policy.IDENTITY, policy.KUBELET))
+async def post_sign(signer: Signer, request: Request) -> Response:
+    identity = await require_identity(
+        signer, request, "sign", via=(policy.IDENTITY, policy.KUBELET)
+    )
     body = await read_json(request)
     ask = Ask(
         endpoint="sign",
@@ -537,14 +538,14 @@ async def post_sign(request: web.Request) -> web.Response:
         csr=pem_bytes(text_field(body, "csr")),
         identity=identity,
         reason=_clean_reason(text_field(body, "reason", required=False, limit=200)),
-        rate_limit=request.app[POLICY].max_issuances_per_node_per_hour,
+        rate_limit=signer.rules.max_issuances_per_node_per_hour,
         claim=claim_field(body),
     )
-    cert, _node = await issue(request, ask)
-    return web.json_response(
+    cert, _node = await issue(signer, request, ask)
+    return json_response(
         {
             "certificate": pki.certificate_pem(cert).decode(),
-            "ca_bundle": request.app[AUTHORITY].cluster_bundle,
+            "ca_bundle": signer.authority.cluster_bundle,
             "serial": pki.serial_hex(cert),
             "not_after": pki.iso(cert.not_valid_after_utc),
         },
@@ -552,45 +553,45 @@ async def post_sign(request: web.Request) -> web.Response:
     )
 
 
-async def post_identity(request: web.Request) -> web.Response:
+async def post_identity(signer: Signer, request: Request) -> Response:
     # Only an identity certificate renews an identity: a kubelet certificate cannot.
-    identity = await require_identity(request, "identity", via=(policy.IDENTITY,))
+    identity = await require_identity(signer, request, "identity", via=(policy.IDENTITY,))
     body = await read_json(request)
     ask = Ask("identity", policy.IDENTITY, pem_bytes(text_field(body, "csr")), identity)
-    return await _identity_answer(request, ask)
+    return await _identity_answer(signer, request, ask)
 
 
-async def post_enroll(request: web.Request) -> web.Response:
+async def post_enroll(signer: Signer, request: Request) -> Response:
     body = await read_json(request)
     csr = pem_bytes(text_field(body, "csr"))
     parsed = tokens.parse_token(text_field(body, "token", limit=200))
     token = None
     if parsed is not None:
-        token = await request.app[STORE].find_token(parsed[0], request.app[CLOCK]())
+        token = await signer.db.find_token(parsed[0], signer.clock())
         if token is not None and not tokens.secret_matches(token.secret_hash, parsed[1]):
             token = None
     if token is None:
         ref = parsed[0] if parsed else "malformed"
         record = AuditRecord(
-            time=request.app[CLOCK](), endpoint="enroll", node=None, identity=f"token:{ref}",
+            time=signer.clock(), endpoint="enroll", node=None, identity=f"token:{ref}",
             reason="", outcome=REFUSED, code="token-invalid",
-            message="unknown, expired, spent or mismatched token", peer=request.remote or "",
+            message="unknown, expired, spent or mismatched token", peer=request.remote,
         )  # fmt: skip
-        await request.app[STORE].commit(record)
+        await signer.db.commit(record)
         raise _refused(
             record, 403, "token-invalid", "the token is unknown, expired or already used"
         )
     identity = policy.Identity(token.node, "token", token.id)
     ask = Ask("enroll", policy.IDENTITY, csr, identity, spend_token=token.id)
-    return await _identity_answer(request, ask)
+    return await _identity_answer(signer, request, ask)
 
 
-async def _identity_answer(request: web.Request, ask: Ask) -> web.Response:
-    cert, node = await issue(request, ask)
-    return web.json_response(
+async def _identity_answer(signer: Signer, request: Request, ask: Ask) -> Response:
+    cert, node = await issue(signer, request, ask)
+    return json_response(
         {
             "certificate": pki.certificate_pem(cert).decode(),
-            "ca_bundle": request.app[AUTHORITY].cluster_bundle,
+            "ca_bundle": signer.authority.cluster_bundle,
             "node": node,
         },
         status=201,
@@ -600,3 +601,14 @@ async def _identity_answer(request: web.Request, ask: Ask) -> web.Response:
 def _clean_reason(reason: str) -> str:
     """The agent's stated reason, made safe for logs (printable, short)."""
     return "".join(ch for ch in reason if ch.isprintable())[:100]
+
+
+# Path -> method -> handler. A GET route answers HEAD too, without the body (RFC 9110).
+ROUTES: dict[str, dict[str, Handler]] = {
+    "/v1/ca": {"GET": get_ca, "HEAD": get_ca},
+    "/v1/enroll": {"POST": post_enroll},
+    "/v1/identity": {"POST": post_identity},
+    "/v1/sign": {"POST": post_sign},
+    "/healthz": {"GET": get_healthz, "HEAD": get_healthz},
+    "/metrics": {"GET": get_metrics, "HEAD": get_metrics},
+}

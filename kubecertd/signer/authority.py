@@ -1,7 +1,8 @@
 """The signer's CA files: creating them (``init``) and loading them (``serve``).
 
 ``init`` adopts the cluster's existing CA (or makes one), makes the identity CA and
-the signer's TLS certificate, and writes everything with keys 0600.
+the signer's TLS certificate, and writes everything with keys 0600, owned by the user
+the service runs as when there is one (SPEC "Central signer", ``init``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import pwd
+import stat
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -21,6 +24,7 @@ from ..errors import ConfigError, KubecertdError, UsageError
 from . import policy
 from .config import SignerConfig
 
+SERVICE_USER = "kubecertd-signer"  # systemd/kubecertd-signer.sysusers, User= of the unit
 CA_LIFETIME = dt.timedelta(days=3650)
 TLS_LIFETIME = dt.timedelta(days=1825)  # the signer's own serving certificate
 
@@ -89,6 +93,29 @@ def load_authority(config: SignerConfig) -> Authority:
 
 
 @dataclass(frozen=True)
+class Owner:
+    """The user that gets the keys ``init`` writes, and the folder holding them."""
+
+    name: str
+    uid: int
+    gid: int  # the user's own group
+
+
+def init_owner(name: str | None, euid: int) -> Owner | None:
+    """``--owner NAME``; without it the service's user when running as root (``euid``
+    0) and that user exists (the package creates it); else None: whoever runs ``init``."""
+    if name is None and euid != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(name or SERVICE_USER)
+    except KeyError:
+        if name is None:
+            return None
+        raise UsageError(f"--owner {name!r}: no such user") from None
+    return Owner(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+@dataclass(frozen=True)
 class InitRequest:
     directory: str
     hostnames: tuple[str, ...]
@@ -97,6 +124,7 @@ class InitRequest:
     cluster_ca_key: str | None = None
     new_cluster_ca: bool = False  # ... or make a new cluster CA
     force: bool = False
+    owner: Owner | None = None  # of the keys and DIR; None: whoever runs init
 
 
 FILES = (
@@ -134,6 +162,9 @@ def init(request: InitRequest, now: dt.datetime) -> list[str]:
     tls_key = ec.generate_private_key(ec.SECP256R1())
     tls_cert = _serving_certificate(identity, tls_key, request.hostnames, ips, now)
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    if request.owner and not os.stat(directory).st_mode & stat.S_IXOTH:
+        # The service must reach its keys; a folder open to all needs no new owner.
+        _chown(directory, request.owner)
     files = {
         "ca.pem": (cluster_pem, 0o644),
         "ca-key.pem": (pki.private_key_pem(cluster.key), 0o600),
@@ -146,7 +177,8 @@ def init(request: InitRequest, now: dt.datetime) -> list[str]:
     written = []
     for name, (data, mode) in files.items():
         path = os.path.join(directory, name)
-        _write(path, data, mode)
+        # The keys go to the owner; what anyone may read stays with whoever runs init.
+        _write(path, data, mode, request.owner if mode == 0o600 else None)
         written.append(path)
     return written
 
@@ -158,17 +190,30 @@ def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         raise UsageError(f"--ip {value!r} is not an IP address") from exc
 
 
-def _write(path: str, data: bytes, mode: int) -> None:
-    """Write a file with its final mode from the start (a key is never briefly 0644)."""
+def _write(path: str, data: bytes, mode: int, owner: Owner | None = None) -> None:
+    """Write a file with its final mode and owner from the start (a key is never
+    briefly 0644)."""
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
+        if owner:
+            _chown(fd, owner, path)
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _chown(target: str | int, owner: Owner, path: str = "") -> None:
+    try:
+        os.chown(target, owner.uid, owner.gid)
+    except OSError as exc:
+        raise KubecertdError(
+            f"{path or target}: cannot give it to user {owner.name}: {exc.strerror}"
+            " (run init as root, or choose another --owner)"
+        ) from exc
 
 
 def _new_ca(common_name: str, now: dt.datetime) -> policy.Issuer:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from .. import __version__, pki
@@ -64,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ip", action="append", default=[], help="IP address of the signer (repeatable)"
     )
     init.add_argument("--force", action="store_true", help="replace an existing setup")
+    init.add_argument(
+        "--owner",
+        metavar="USER",
+        help="owner of the keys and of DIR (default as root: kubecertd-signer, if that user exists)",
+    )
 
     serve = _common(commands.add_parser("serve", help="run the HTTPS service"))
     serve.add_argument("--listen", metavar="HOST:PORT")
@@ -130,16 +134,13 @@ def _config(args: argparse.Namespace) -> SignerConfig:
     return read_signer_config(getattr(args, "config", None))
 
 
-def _with_store(config: SignerConfig, work: Callable[[Store], Awaitable[T]]) -> T:
-    async def run() -> T:
-        store = open_store(config.state, config.database_url)
-        await store.open()
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+def _with_store(config: SignerConfig, work: Callable[[Store], T]) -> T:
+    store = open_store(config.state, config.database_url)
+    store.open()
+    try:
+        return work(store)
+    finally:
+        store.close()
 
 
 def _now() -> dt.datetime:
@@ -147,7 +148,7 @@ def _now() -> dt.datetime:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .authority import InitRequest, init  # noqa: PLC0415
+    from .authority import InitRequest, init, init_owner  # noqa: PLC0415
 
     adopting = bool(args.cluster_ca and args.cluster_ca_key)
     if args.new_cluster_ca == adopting or (
@@ -162,6 +163,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         cluster_ca_key=args.cluster_ca_key,
         new_cluster_ca=args.new_cluster_ca,
         force=args.force,
+        owner=init_owner(args.owner, os.geteuid()),
     )
     for path in init(request, _now()):
         print(f"wrote {path}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -78,9 +79,10 @@ def refuse(status: int, code: str, message: str, node: str | None = None) -> Dec
 
 def authenticate(
     peer: x509.Certificate | None,
-    cluster_cas: list[x509.Certificate],
+    cluster_cas: Sequence[x509.Certificate],
     identity_ca: x509.Certificate,
     now: dt.datetime,
+    issuer: x509.Certificate | None = None,
 ) -> Identity | None:
     """The node a verified client certificate speaks for, or None.
 
@@ -88,15 +90,23 @@ def authenticate(
     must come from the identity CA with EKU clientAuth and subject ``CN=<node>``; a
     kubelet certificate used as identity must come from the cluster CA with exactly
     ``O=system:nodes`` and ``CN=system:node:<node>``.
+
+    ``issuer`` is the certificate that signed ``peer`` in the chain the TLS handshake
+    verified (the chain's second): the handshake has proved that signature, so only
+    which CA it is is decided here.  Without it each CA's signature is checked.
     """
     if peer is None or not peer.not_valid_before_utc <= now <= peer.not_valid_after_utc:
         return None
     serial = pki.serial_hex(peer)
-    if _issued_by(peer, identity_ca):
+
+    def signed_by(ca: x509.Certificate) -> bool:
+        return ca == issuer if issuer is not None else _issued_by(peer, ca)
+
+    if signed_by(identity_ca):
         node = _identity_node(peer.subject)
         ok = node and _has_eku(peer, ExtendedKeyUsageOID.CLIENT_AUTH)
         return Identity(node, IDENTITY, serial) if ok and node else None
-    if any(_issued_by(peer, ca) for ca in cluster_cas):
+    if any(signed_by(ca) for ca in cluster_cas):
         # Judged as the API server judges kubelet certificates (Go: no EKU allows any use).
         node = _kubelet_node(peer.subject)
         return Identity(node, KUBELET, serial) if node and pki.allows_client_auth(peer) else None

@@ -4,25 +4,24 @@ The parent binds the listening socket once and forks ``workers`` children that a
 accept on it (the kernel spreads connections), so every core does TLS handshakes and
 signatures.  The parent tells systemd READY=1 once every child is serving, forwards
 SIGTERM, and exits non-zero if a child dies on its own (``Restart=on-failure``).  Each
-worker accepts through ``listener.Listener``: ``[limits]`` caps its connections below
-its file limit and closes the ones that send too little in time.
+worker is a ``server.Server``: TLS by pyOpenSSL on the OpenSSL that cryptography
+bundles, HTTP/1.1 by h11, ``[limits]`` caps and deadlines on every connection.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import select
 import shutil
 import signal
 import socket
-import ssl
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import cast
+
+from OpenSSL import SSL
 
 from ..edges.sdnotify import notify
 from ..errors import ConfigError, KubecertdError
@@ -30,7 +29,6 @@ from .authority import Authority, load_authority
 from .config import SignerConfig, split_listen
 
 READY_TIMEOUT = 30.0
-KEEPALIVE_TIMEOUT = 15.0  # between requests on one connection (agents open one per request)
 
 
 @dataclass(frozen=True)
@@ -39,33 +37,45 @@ class ServeOptions:
     workers: int
 
 
-def tls_context(config: SignerConfig) -> ssl.SSLContext:
+def tls_context(config: SignerConfig) -> SSL.Context:
     """TLS 1.2+, our serving certificate; client certificates optional but verified.
 
-    CERT_OPTIONAL: /v1/ca and /v1/enroll need none, but a certificate that is
-    presented and fails verification (unknown CA, expired) fails the handshake.
-    Which CA a valid one must come from is judged per request by the policy.
+    VERIFY_PEER without FAIL_IF_NO_PEER_CERT: /v1/ca and /v1/enroll need none, but a
+    certificate that is presented and fails verification (unknown CA, expired) fails
+    the handshake with an alert.  Which CA a valid one must come from is judged per
+    request by the policy, from the chain the handshake verified.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
     try:
-        context.load_cert_chain(config.tls.cert, config.tls.key)
-    except (OSError, ssl.SSLError) as exc:
+        context.use_certificate_chain_file(config.tls.cert)
+        context.use_privatekey_file(config.tls.key)
+        context.check_privatekey()
+    except SSL.Error as exc:
         raise ConfigError(
-            f"{config.tls.cert}: cannot load the signer's TLS certificate and key ({exc})"
+            f"{config.tls.cert}: cannot load the signer's TLS certificate and key ({_ssl_reason(exc)})"
         ) from exc
     for ca in (config.identity_ca.cert, config.cluster_ca.cert):
         try:
-            context.load_verify_locations(cafile=ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{ca}: cannot load as a trust anchor ({exc})") from exc
-    context.verify_mode = ssl.CERT_OPTIONAL
-    # No session tickets: agents open a connection per request and never resume, and
-    # OpenSSL's two TLS 1.3 tickets per handshake cost ~22% of the signer's CPU per
-    # issuance (BENCHMARKS.md, "Signer load").
-    context.num_tickets = 0
-    context.options |= ssl.OP_NO_TICKET
+            context.load_verify_locations(ca)
+        except SSL.Error as exc:
+            raise ConfigError(f"{ca}: cannot load as a trust anchor ({_ssl_reason(exc)})") from exc
+    context.set_verify(SSL.VERIFY_PEER)  # no callback: OpenSSL's own chain verification
+    # No session resumption: agents open a connection per request and never resume.
+    # OpenSSL still sends TLS 1.3 tickets without a cache (no binding exposes
+    # SSL_CTX_set_num_tickets), but with OP_NO_TICKET they are stateful ids, not the
+    # encrypted tickets that cost ~22% of the signer's CPU per issuance (BENCHMARKS.md).
+    context.set_options(
+        SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
+    )
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return context
+
+
+def _ssl_reason(exc: SSL.Error) -> str:
+    """OpenSSL's error queue, which pyOpenSSL hands over as (library, function, reason)."""
+    queue = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    return "; ".join(str(entry[-1]) for entry in queue if isinstance(entry, tuple)) or str(exc)
 
 
 def bind(listen: str) -> socket.socket:
@@ -88,7 +98,7 @@ def serve(config: SignerConfig, options: ServeOptions) -> int:
     context = tls_context(config)
     sock = bind(options.listen)
     if options.workers == 1:
-        return asyncio.run(_worker(config, authority, context, sock, ready_fd=None))
+        return _worker(config, authority, context, sock, ready_fd=None)
     # Counters shared by all workers, so that a scrape of any one is the whole signer;
     # set before kubecertd.signer.metrics is first imported (in the workers).
     metrics_dir = tempfile.mkdtemp(prefix="kubecertd-signer-metrics-")
@@ -102,7 +112,7 @@ def serve(config: SignerConfig, options: ServeOptions) -> int:
 def _supervise(
     config: SignerConfig,
     authority: Authority,
-    context: ssl.SSLContext,
+    context: SSL.Context,
     sock: socket.socket,
     workers: int,
 ) -> int:
@@ -114,7 +124,7 @@ def _supervise(
             os.close(read_end)
             status = 1
             try:
-                status = asyncio.run(_worker(config, authority, context, sock, ready_fd=write_end))
+                status = _worker(config, authority, context, sock, ready_fd=write_end)
             finally:
                 os._exit(status)
         children.add(pid)
@@ -167,49 +177,39 @@ def _kill(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-async def _worker(
+def _worker(
     config: SignerConfig,
     authority: Authority,
-    context: ssl.SSLContext,
+    context: SSL.Context,
     sock: socket.socket,
     ready_fd: int | None,
 ) -> int:
-    from aiohttp import web  # noqa: PLC0415
-
     from . import listener  # noqa: PLC0415 - imports the metrics
-    from .app import create_app, http_logger  # noqa: PLC0415 - after PROMETHEUS_MULTIPROC_DIR is set
+    from .app import Signer  # noqa: PLC0415 - after PROMETHEUS_MULTIPROC_DIR is set
+    from .server import Server  # noqa: PLC0415
     from .store import open_store  # noqa: PLC0415
 
-    loop = asyncio.get_running_loop()
     log = listener.ThrottledLog()
-    loop.set_exception_handler(listener.exception_handler(log))
     caps = listener.connection_caps(config.limits, listener.soft_nofile())
     if caps.connections < config.limits.max_connections:
         note = listener.max_connections_note(config.limits, caps)
         print(f"kubecertd-signer: worker {os.getpid()}: {note}", file=sys.stderr)
-    app = create_app(authority, open_store(config.state, config.database_url), config.policy)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        logger=http_logger(),  # a request aiohttp cannot parse: one line, never a traceback
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
-        handle_signals=False,
+    server = Server(
+        sock,
+        context,
+        Signer(authority, config.policy),
+        open_store(config.state, config.database_url),
+        config.limits,
+        caps,
+        log,
     )
-    await runner.setup()
-    server = cast(web.Server, runner.server)  # set by setup(); a protocol factory
-    accepting = listener.Listener(sock, server, context, config.limits, caps, log)
-    accepting.start()
-    stopped = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopped.set)
+    server.open()  # the store opens here: a database that is not there fails the start
     if ready_fd is None:
         notify("READY=1", f"STATUS=serving on {sock.getsockname()[0]}:{sock.getsockname()[1]}")
     else:
         os.write(ready_fd, b".")
         os.close(ready_fd)
-    await stopped.wait()
+    server.run()
     if ready_fd is None:
         notify("STOPPING=1")
-    await accepting.close()
-    await runner.cleanup()
     return 0

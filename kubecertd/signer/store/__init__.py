@@ -1,15 +1,21 @@
-"""The signer's state behind one small async interface (SPEC: SQLite or PostgreSQL).
+"""The signer's state behind one small synchronous interface (SPEC: SQLite or PostgreSQL).
 
 Tokens, the audit of every decision, node revocations and the per-node issuance
-counter.  The one operation that matters for safety is ``commit``: it spends a
-token, applies revocation and rate limit, and writes the audit record in ONE
-transaction, so two replicas can neither both accept a token nor both slip under
-the rate limit.  If it raises ``StoreError`` nothing may be issued (503).
+counter.  The one operation that matters for safety is ``commit_many``: for each
+decision it spends a token, applies revocation and rate limit, and writes the audit
+record, all in ONE transaction, so two replicas can neither both accept a token nor
+both slip under the rate limit.  It returns once that transaction is durable; if it
+raises ``StoreError`` nothing of the batch may be issued (503).
+
+The calls block: each signer worker makes them from its one database thread, which
+batches the decisions that arrive while a commit is in flight (group commit: one
+durable write for many records).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,19 +67,24 @@ class Verdict:
     retry_after: int | None = None  # seconds, for rate-limited
 
 
+@dataclass(frozen=True)
+class Commit:
+    """One decision to commit: the record, and what ``commit`` applies if it is ISSUED."""
+
+    record: AuditRecord
+    spend_token: str | None = None
+    rate_limit: int | None = None
+
+
 class Store(Protocol):
-    async def open(self) -> None: ...
+    def open(self) -> None: ...
 
-    async def close(self) -> None: ...
+    def close(self) -> None: ...
 
-    async def commit(
-        self,
-        record: AuditRecord,
-        *,
-        spend_token: str | None = None,
-        rate_limit: int | None = None,
-    ) -> Verdict:
-        """Write ``record`` and, for an ISSUED one, apply in the same transaction:
+    def commit_many(self, items: Sequence[Commit]) -> list[Verdict]:
+        """Write every item's record, in order, in ONE transaction; one verdict per item.
+
+        For an ISSUED record, within that transaction:
 
         - ``spend_token``: mark that token spent with one conditional UPDATE (unspent,
           unexpired at ``record.time``) that must affect exactly one row, else the
@@ -81,29 +92,44 @@ class Store(Protocol):
         - a revoked ``record.node`` gives ``node-revoked``;
         - ``rate_limit``: if that many ISSUED ``sign`` records exist for the node in
           the hour before ``record.time``, ``rate-limited`` with ``retry_after``.
-        A refusal found here is what gets written (outcome REFUSED with its code).
+
+        A refusal found here is what gets written (outcome REFUSED with its code) and
+        changes nothing else.  Each item sees the earlier ones (a token spent by one is
+        refused to the next; earlier issuances count toward the limit), so the verdicts
+        are those of committing the items one by one.  Returns once the transaction is
+        durable; StoreError means none of it was written.
         """
         ...
 
-    async def create_token(self, token: TokenInfo) -> None: ...
+    def commit(
+        self,
+        record: AuditRecord,
+        *,
+        spend_token: str | None = None,
+        rate_limit: int | None = None,
+    ) -> Verdict:
+        """``commit_many`` of one item."""
+        ...
 
-    async def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
+    def create_token(self, token: TokenInfo) -> None: ...
+
+    def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
         """An unspent, unrevoked, unexpired token, else None."""
         ...
 
-    async def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
+    def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
         """Outstanding tokens (unspent, unrevoked, unexpired), oldest first."""
         ...
 
-    async def revoke_token(self, token_id: str) -> bool:
+    def revoke_token(self, token_id: str) -> bool:
         """True when an outstanding token was revoked."""
         ...
 
-    async def set_node_revoked(self, node: str, revoked: bool, now: dt.datetime) -> None: ...
+    def set_node_revoked(self, node: str, revoked: bool, now: dt.datetime) -> None: ...
 
-    async def is_node_revoked(self, node: str) -> bool: ...
+    def is_node_revoked(self, node: str) -> bool: ...
 
-    async def audit(
+    def audit(
         self,
         node: str | None = None,
         limit: int = 1000,

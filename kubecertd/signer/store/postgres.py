@@ -8,23 +8,30 @@ A count cannot be protected that way, so a commit that issues first takes a
 transaction-scoped advisory lock on the node; the next replica's count, a new
 statement taken after the lock is granted, sees what the previous one committed.
 
-One connection per store, used by one coroutine at a time (``asyncio.Lock``): the
-signer's commits are short and psycopg_pool is not a dependency.  A broken connection
-fails its call (the signer answers 503) and is replaced on the next call.
+``commit_many`` takes the locks of all the nodes its batch issues to at its start, in
+the order of their keys, so two replicas' batches naming the same nodes in another
+order wait for each other instead of deadlocking.  Its one transaction commits with
+the server's ``synchronous_commit`` (on by default: durable at COMMIT), which the
+store never lowers; one commit a batch is what group commit saves.
+
+One connection per store, used by one thread at a time (a ``threading.Lock``; the
+signer calls it from each worker's database thread): the signer's commits are short
+and psycopg_pool is not a dependency.  A broken connection fails its call (the signer
+answers 503) and is replaced on the next call.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from . import ISSUED, AuditRecord, StoreError, TokenInfo, Verdict
+from . import ISSUED, AuditRecord, Commit, StoreError, TokenInfo, Verdict
 from .sqlite import (
     AUDIT_COLUMNS,
     TOKEN_INVALID,
@@ -98,7 +105,7 @@ _OUTSTANDING = (
     " WHERE spent IS NULL AND NOT revoked AND expires > %s"
 )
 
-Connection = psycopg.AsyncConnection[tuple[Any, ...]]
+Connection = psycopg.Connection[tuple[Any, ...]]
 
 
 def describe(url: str) -> str:
@@ -111,15 +118,15 @@ def describe(url: str) -> str:
     return f"{info.get('dbname') or '?'} on {host}:{info.get('port') or 5432}"
 
 
-async def _migrate(conn: Connection) -> None:
+def _migrate(conn: Connection) -> None:
     """Apply the migrations the database lacks; inside the caller's transaction, which
     holds the schema lock."""
-    cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM kubecertd_schema")
-    row = await cursor.fetchone()
+    cursor = conn.execute("SELECT coalesce(max(version), 0) FROM kubecertd_schema")
+    row = cursor.fetchone()
     version = int(row[0]) if row else 0
     for number, statement in enumerate(_MIGRATIONS[version:], start=version + 1):
-        await conn.execute(statement)
-        await conn.execute("INSERT INTO kubecertd_schema (version) VALUES (%s)", (number,))
+        conn.execute(statement)
+        conn.execute("INSERT INTO kubecertd_schema (version) VALUES (%s)", (number,))
 
 
 class PostgresStore:
@@ -128,35 +135,35 @@ class PostgresStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn: Connection | None = None
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()
         self._schema_ready = False
 
-    async def open(self) -> None:
-        async with self._session("connect"):
+    def open(self) -> None:
+        with self._session("connect"):
             pass
 
-    async def close(self) -> None:
-        async with self._lock:
+    def close(self) -> None:
+        with self._lock:
             if self._conn is not None:
                 conn, self._conn = self._conn, None
                 with contextlib.suppress(psycopg.Error):
-                    await conn.close()
+                    conn.close()
 
     # --- plumbing ---------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _session(self, what: str) -> AsyncIterator[Connection]:
-        """The connection, for this coroutine alone; psycopg errors become StoreError."""
-        async with self._lock:
+    @contextlib.contextmanager
+    def _session(self, what: str) -> Iterator[Connection]:
+        """The connection, for this thread alone; psycopg errors become StoreError."""
+        with self._lock:
             try:
-                yield await self._connection()
+                yield self._connection()
             except psycopg.Error as exc:
                 detail = " ".join(str(exc).split())  # libpq's messages span lines
                 raise StoreError(
                     f"PostgreSQL state database {describe(self.url)}: cannot {what}: {detail}"
                 ) from exc
 
-    async def _connection(self) -> Connection:
+    def _connection(self) -> Connection:
         if self._conn is not None and not self._conn.closed:  # closed includes broken
             return self._conn
         self._conn = None
@@ -171,54 +178,74 @@ class PostgresStore:
         conninfo = self.url
         if "connect_timeout" not in params:
             conninfo = make_conninfo(conninfo, connect_timeout=CONNECT_TIMEOUT)
-        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        conn = psycopg.connect(conninfo, autocommit=True)
         try:
-            await conn.execute("SET TIME ZONE 'UTC'")
-            await conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
+            conn.execute("SET TIME ZONE 'UTC'")
+            conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
             if not self._schema_ready:
-                async with conn.transaction():
+                with conn.transaction():
                     # Replicas starting together would race CREATE ... IF NOT EXISTS
                     # into a unique violation on the catalog; one at a time instead.
-                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                     for statement in _SCHEMA:
-                        await conn.execute(statement)
-                    await _migrate(conn)
+                        conn.execute(statement)
+                    _migrate(conn)
                 self._schema_ready = True
         except BaseException:
-            await conn.close()
+            conn.close()
             raise
         self._conn = conn
         return conn
 
     # --- the decision -----------------------------------------------------------------
 
-    async def commit(
+    def commit(
         self,
         record: AuditRecord,
         *,
         spend_token: str | None = None,
         rate_limit: int | None = None,
     ) -> Verdict:
-        async with self._session("record the decision") as conn, conn.transaction():
-            verdict = verdict_of(record)
-            if record.outcome == ISSUED:
-                if record.node is not None:
-                    await conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                        (_NODE_LOCK_CLASS, record.node),
-                    )
-                await conn.execute("SAVEPOINT checks")
-                verdict = await self._check(conn, record, spend_token, rate_limit)
-                if verdict.code is not None:
-                    # A refusal changes nothing but the audit: the token stays unspent.
-                    await conn.execute("ROLLBACK TO SAVEPOINT checks")
-                    record = refused(record, verdict)
-                await conn.execute("RELEASE SAVEPOINT checks")
-            await self._insert(conn, record)
+        return self.commit_many([Commit(record, spend_token, rate_limit)])[0]
+
+    def commit_many(self, items: Sequence[Commit]) -> list[Verdict]:
+        if not items:
+            return []
+        what = "record the decision" if len(items) == 1 else f"record {len(items)} decisions"
+        nodes = [
+            i.record.node for i in items if i.record.outcome == ISSUED and i.record.node is not None
+        ]
+        with self._session(what) as conn, conn.transaction():
+            if nodes:
+                # In ascending key order (see the docstring): output expressions not named
+                # in ORDER BY are evaluated after the sort
+                # (https://www.postgresql.org/docs/current/sql-select.html#SQL-SELECT-LIST).
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s, key) FROM"
+                    " (SELECT DISTINCT hashtext(node) AS key FROM unnest(%s::text[]) AS node)"
+                    " AS keys ORDER BY key",
+                    (_NODE_LOCK_CLASS, nodes),
+                )
+            return [self._apply(conn, item) for item in items]
+
+    @classmethod
+    def _apply(cls, conn: Connection, item: Commit) -> Verdict:
+        """One item of ``commit_many``, inside its transaction, its node's lock held."""
+        record = item.record
+        verdict = verdict_of(record)
+        if record.outcome == ISSUED:
+            conn.execute("SAVEPOINT checks")
+            verdict = cls._check(conn, record, item.spend_token, item.rate_limit)
+            if verdict.code is not None:
+                # A refusal changes nothing but the audit: the token stays unspent.
+                conn.execute("ROLLBACK TO SAVEPOINT checks")
+                record = refused(record, verdict)
+            conn.execute("RELEASE SAVEPOINT checks")
+        cls._insert(conn, record)
         return verdict
 
     @staticmethod
-    async def _check(
+    def _check(
         conn: Connection,
         record: AuditRecord,
         spend_token: str | None,
@@ -227,7 +254,7 @@ class PostgresStore:
         now = utc(record.time)
         if spend_token is not None:
             # The node too: a token is bound to one node (SPEC), whatever the caller did.
-            spent = await conn.execute(
+            spent = conn.execute(
                 "UPDATE tokens SET spent = %s WHERE id = %s AND node = %s"
                 " AND spent IS NULL AND NOT revoked AND expires > %s",
                 (now, spend_token, record.node, now),
@@ -236,27 +263,27 @@ class PostgresStore:
                 return TOKEN_INVALID
         if record.node is None:
             return Verdict()
-        revoked = await conn.execute("SELECT 1 FROM revoked_nodes WHERE node = %s", (record.node,))
-        if await revoked.fetchone():
+        revoked = conn.execute("SELECT 1 FROM revoked_nodes WHERE node = %s", (record.node,))
+        if revoked.fetchone():
             return node_revoked(record.node)
         if rate_limit is not None:
-            cursor = await conn.execute(
+            cursor = conn.execute(
                 "SELECT time FROM audit WHERE node = %s AND endpoint = 'sign' AND outcome = %s"
                 " AND time > %s ORDER BY time DESC LIMIT %s",
                 (record.node, ISSUED, now - WINDOW, max(rate_limit, 0)),
             )
-            rows = await cursor.fetchall()
+            rows = cursor.fetchall()
             if len(rows) >= rate_limit:
                 return rate_limited(record.node, rate_limit, [utc(r[0]) for r in rows], now)
         return Verdict()
 
     @staticmethod
-    async def _insert(conn: Connection, record: AuditRecord) -> None:
+    def _insert(conn: Connection, record: AuditRecord) -> None:
         values = dict(vars(record))  # shallow: asdict() deep-copies, 0.1 ms an issuance
         for name in ("time", "not_before", "not_after"):
             if values[name] is not None:
                 values[name] = utc(values[name])
-        await conn.execute(
+        conn.execute(
             f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)})"  # noqa: S608 - fixed names
             f" VALUES ({', '.join(['%s'] * len(AUDIT_COLUMNS))})",
             [values[name] for name in AUDIT_COLUMNS],
@@ -264,29 +291,29 @@ class PostgresStore:
 
     # --- tokens -----------------------------------------------------------------------
 
-    async def create_token(self, token: TokenInfo) -> None:
-        async with self._session(f"create token {token.id}") as conn:
-            await conn.execute(
+    def create_token(self, token: TokenInfo) -> None:
+        with self._session(f"create token {token.id}") as conn:
+            conn.execute(
                 "INSERT INTO tokens (id, secret_hash, node, created, expires)"
                 " VALUES (%s, %s, %s, %s, %s)",
                 (token.id, token.secret_hash, token.node, utc(token.created), utc(token.expires)),
             )
 
-    async def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
-        async with self._session("read tokens") as conn:
-            cursor = await conn.execute(_OUTSTANDING + " AND id = %s", (utc(now), token_id))
-            row = await cursor.fetchone()
+    def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
+        with self._session("read tokens") as conn:
+            cursor = conn.execute(_OUTSTANDING + " AND id = %s", (utc(now), token_id))
+            row = cursor.fetchone()
         return token_from_row(row, utc) if row else None
 
-    async def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
-        async with self._session("read tokens") as conn:
-            cursor = await conn.execute(_OUTSTANDING + " ORDER BY created, id", (utc(now),))
-            rows = await cursor.fetchall()
+    def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
+        with self._session("read tokens") as conn:
+            cursor = conn.execute(_OUTSTANDING + " ORDER BY created, id", (utc(now),))
+            rows = cursor.fetchall()
         return [token_from_row(row, utc) for row in rows]
 
-    async def revoke_token(self, token_id: str) -> bool:
-        async with self._session(f"revoke token {token_id}") as conn:
-            cursor = await conn.execute(
+    def revoke_token(self, token_id: str) -> bool:
+        with self._session(f"revoke token {token_id}") as conn:
+            cursor = conn.execute(
                 "UPDATE tokens SET revoked = true WHERE id = %s AND spent IS NULL AND NOT revoked",
                 (token_id,),
             )
@@ -294,23 +321,23 @@ class PostgresStore:
 
     # --- nodes and audit ----------------------------------------------------------------
 
-    async def set_node_revoked(self, node: str, revoked: bool, now: dt.datetime) -> None:
-        async with self._session(f"{'revoke' if revoked else 'allow'} node {node}") as conn:
+    def set_node_revoked(self, node: str, revoked: bool, now: dt.datetime) -> None:
+        with self._session(f"{'revoke' if revoked else 'allow'} node {node}") as conn:
             if revoked:  # revoking again keeps the original date
-                await conn.execute(
+                conn.execute(
                     "INSERT INTO revoked_nodes (node, since) VALUES (%s, %s)"
                     " ON CONFLICT (node) DO NOTHING",
                     (node, utc(now)),
                 )
             else:
-                await conn.execute("DELETE FROM revoked_nodes WHERE node = %s", (node,))
+                conn.execute("DELETE FROM revoked_nodes WHERE node = %s", (node,))
 
-    async def is_node_revoked(self, node: str) -> bool:
-        async with self._session("read revocations") as conn:
-            cursor = await conn.execute("SELECT 1 FROM revoked_nodes WHERE node = %s", (node,))
-            return await cursor.fetchone() is not None
+    def is_node_revoked(self, node: str) -> bool:
+        with self._session("read revocations") as conn:
+            cursor = conn.execute("SELECT 1 FROM revoked_nodes WHERE node = %s", (node,))
+            return cursor.fetchone() is not None
 
-    async def audit(
+    def audit(
         self,
         node: str | None = None,
         limit: int = 1000,
@@ -320,7 +347,7 @@ class PostgresStore:
     ) -> list[AuditRecord]:
         when = utc(since) if since is not None else None
         sql, params = audit_query("%s", node, limit, when, claims_only)
-        async with self._session("read the audit") as conn:
-            cursor = await conn.execute(sql, params)
-            rows = await cursor.fetchall()
+        with self._session("read the audit") as conn:
+            cursor = conn.execute(sql, params)
+            rows = cursor.fetchall()
         return [record_from_row(row, utc) for row in reversed(rows)]

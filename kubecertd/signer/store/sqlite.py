@@ -6,11 +6,16 @@ checking the same token or rate limit run one after the other and the second see
 what the first committed (https://www.sqlite.org/lang_transaction.html).  WAL mode
 lets readers go on meanwhile (https://www.sqlite.org/wal.html).
 
-The async methods call sqlite3 synchronously: the file is local and every statement
-takes well under a millisecond, so a thread hop would cost more than it saves.  A
-writer can wait for another process's lock up to the busy timeout, blocking this
-worker's event loop for that long at worst, which is the right price for never
-answering before the decision is durable.
+The store is called from one database thread per worker, so its blocking calls never
+hold up a request loop; a lock keeps any other caller out of that thread's
+transaction.  A writer can wait for another worker's lock up to the busy timeout.
+
+No answer goes out before its audit record is durable: ``synchronous = FULL`` makes
+every COMMIT sync the WAL (NORMAL, WAL's usual setting, can lose the last commits on
+power loss; https://www.sqlite.org/pragma.html#pragma_synchronous).  That is one
+fsync a transaction, so ``commit_many`` takes all the decisions the database thread
+has gathered in one transaction: a busy signer pays one fsync for a batch, not one a
+certificate.
 
 The pure pieces of ``commit`` (refusal messages, Retry-After) live here too and are
 shared with the PostgreSQL store, so both give byte-identical answers.
@@ -24,11 +29,12 @@ import datetime as dt
 import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from . import ISSUED, REFUSED, AuditRecord, StoreError, TokenInfo, Verdict
+from . import ISSUED, REFUSED, AuditRecord, Commit, StoreError, TokenInfo, Verdict
 
 UTC = dt.timezone.utc
 WINDOW = dt.timedelta(hours=1)  # SPEC: max_issuances_per_node_per_hour
@@ -246,8 +252,9 @@ class SqliteStore:
         self.path = os.fspath(path)
         self._conn: sqlite3.Connection | None = None
         self._inode: tuple[int, int] | None = None
+        self._lock = threading.Lock()  # one transaction at a time on the one connection
 
-    async def open(self) -> None:
+    def open(self) -> None:
         if self._conn is not None:
             return
         try:
@@ -267,7 +274,7 @@ class SqliteStore:
                 check_same_thread=False,
             )
             mode = _use_wal(conn)
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA synchronous = FULL")  # durable at COMMIT: see the docstring
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -283,11 +290,12 @@ class SqliteStore:
             raise StoreError(f"SQLite state database {self.path}: cannot use WAL mode ({mode})")
         self._conn, self._inode = conn, (info.st_dev, info.st_ino)
 
-    async def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -310,46 +318,64 @@ class SqliteStore:
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction; any failure rolls it back as StoreError."""
-        conn = self._connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._lock:
+            conn = self._connection()
             try:
-                self._check_file()
-                yield conn
-                conn.execute("COMMIT")
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite state database {self.path}: cannot {what}: {exc}") from exc
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._check_file()
+                    yield conn
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"SQLite state database {self.path}: cannot {what}: {exc}"
+                ) from exc
 
     def _read(self, what: str, sql: str, params: Sequence[Any]) -> list[Any]:
-        conn = self._connection()
-        try:
-            return conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite state database {self.path}: cannot {what}: {exc}") from exc
+        with self._lock:
+            conn = self._connection()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"SQLite state database {self.path}: cannot {what}: {exc}"
+                ) from exc
 
     # --- the decision -----------------------------------------------------------------
 
-    async def commit(
+    def commit(
         self,
         record: AuditRecord,
         *,
         spend_token: str | None = None,
         rate_limit: int | None = None,
     ) -> Verdict:
-        with self._write("record the decision") as conn:
-            verdict = verdict_of(record)
-            if record.outcome == ISSUED:
-                conn.execute("SAVEPOINT checks")
-                verdict = self._check(conn, record, spend_token, rate_limit)
-                if verdict.code is not None:
-                    # A refusal changes nothing but the audit: the token stays unspent.
-                    conn.execute("ROLLBACK TO checks")
-                    record = refused(record, verdict)
-                conn.execute("RELEASE checks")
-            self._insert(conn, record)
+        return self.commit_many([Commit(record, spend_token, rate_limit)])[0]
+
+    def commit_many(self, items: Sequence[Commit]) -> list[Verdict]:
+        if not items:
+            return []
+        what = "record the decision" if len(items) == 1 else f"record {len(items)} decisions"
+        with self._write(what) as conn:
+            return [self._apply(conn, item) for item in items]
+
+    @classmethod
+    def _apply(cls, conn: sqlite3.Connection, item: Commit) -> Verdict:
+        """One item of ``commit_many``, inside its transaction."""
+        record = item.record
+        verdict = verdict_of(record)
+        if record.outcome == ISSUED:
+            conn.execute("SAVEPOINT checks")
+            verdict = cls._check(conn, record, item.spend_token, item.rate_limit)
+            if verdict.code is not None:
+                # A refusal changes nothing but the audit: the token stays unspent.
+                conn.execute("ROLLBACK TO checks")
+                record = refused(record, verdict)
+            conn.execute("RELEASE checks")
+        cls._insert(conn, record)
         return verdict
 
     @staticmethod
@@ -397,7 +423,7 @@ class SqliteStore:
 
     # --- tokens -----------------------------------------------------------------------
 
-    async def create_token(self, token: TokenInfo) -> None:
+    def create_token(self, token: TokenInfo) -> None:
         with self._write(f"create token {token.id}") as conn:
             conn.execute(
                 "INSERT INTO tokens (id, secret_hash, node, created, expires)"
@@ -411,15 +437,15 @@ class SqliteStore:
                 ),
             )
 
-    async def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
+    def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
         rows = self._read("read tokens", _OUTSTANDING + " AND id = ?", (_text(now), token_id))
         return token_from_row(rows[0], _time) if rows else None
 
-    async def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
+    def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
         rows = self._read("read tokens", _OUTSTANDING + " ORDER BY created, id", (_text(now),))
         return [token_from_row(row, _time) for row in rows]
 
-    async def revoke_token(self, token_id: str) -> bool:
+    def revoke_token(self, token_id: str) -> bool:
         with self._write(f"revoke token {token_id}") as conn:
             cursor = conn.execute(
                 "UPDATE tokens SET revoked = 1 WHERE id = ? AND spent IS NULL AND revoked = 0",
@@ -429,7 +455,7 @@ class SqliteStore:
 
     # --- nodes and audit ----------------------------------------------------------------
 
-    async def set_node_revoked(self, node: str, revoked: bool, now: dt.datetime) -> None:
+    def set_node_revoked(self, node: str, revoked: bool, now: dt.datetime) -> None:
         with self._write(f"{'revoke' if revoked else 'allow'} node {node}") as conn:
             if revoked:  # revoking again keeps the original date
                 conn.execute(
@@ -440,10 +466,10 @@ class SqliteStore:
             else:
                 conn.execute("DELETE FROM revoked_nodes WHERE node = ?", (node,))
 
-    async def is_node_revoked(self, node: str) -> bool:
+    def is_node_revoked(self, node: str) -> bool:
         return bool(self._read("read revocations", _REVOKED, (node,)))
 
-    async def audit(
+    def audit(
         self,
         node: str | None = None,
         limit: int = 1000,
