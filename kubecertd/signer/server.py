@@ -47,7 +47,7 @@ from OpenSSL import SSL
 
 from ..edges import journal
 from . import listener, metrics
-from .app import BODY_TIMEOUT, MAX_BODY, Refusal, Request, Response, Signer, Wait
+from .app import BODY_TIMEOUT, MAX_BODY, Refusal, Request, Response, Signer, Wait, _one_line
 from .config import Limits
 from .store import Commit, Store
 
@@ -75,7 +75,6 @@ class Connection:
     """One client connection and everything the loop knows about it."""
 
     __slots__ = (
-        "answering",
         "body",
         "body_done",
         "body_error",
@@ -112,7 +111,6 @@ class Connection:
         self.starting = False  # a request's head is in; its handler starts once h11 waits
         self.out = bytearray()  # bytes for TLS to send
         self.close_after = False
-        self.answering = False
         self.request: Request | None = None
         self.coro: Coroutine[Wait, Any, Response] | None = None
         self.body = bytearray()
@@ -838,11 +836,6 @@ def _decode(body: bytes, encoding: str) -> bytes:
         f"request body cannot be decoded: Content-Encoding {_one_line(encoding, 40)!r} is not supported (gzip, deflate)",
         close=True,
     )
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _phrase(status: int) -> str:
