@@ -1325,6 +1325,8 @@ def components(work: str, iterations: int) -> list[tuple[str, float]]:
 
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(dir=work))
     from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     from kubecertd import pki
     from kubecertd.signer import app as signer_app
@@ -1497,6 +1499,19 @@ def components(work: str, iterations: int) -> list[tuple[str, float]]:
             certs.append(cert)
 
     timed("policy.build_certificate (+ random_serial, ECDSA sign)", build)
+
+    # What no implementation can skip: the floor under decide and build_certificate.
+    parsed = [x509.load_pem_x509_csr(pem) for pem in csrs]
+    cluster_key = authority.cluster.key
+    assert isinstance(cluster_key, ec.EllipticCurvePrivateKey), "the bench's CA is P-256"
+    timed(
+        "floor: the CSR's signature check alone",
+        lambda i: parsed[i % len(parsed)].is_signature_valid,
+    )
+    timed(
+        "floor: one ECDSA P-256 signature alone",
+        lambda i: cluster_key.sign(b"%d" % i, ec.ECDSA(hashes.SHA256())),
+    )
 
     def record_for(i: int) -> AuditRecord:
         d = decisions[i % len(decisions)]
