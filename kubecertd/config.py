@@ -165,6 +165,37 @@ def url(value: Any) -> str:
     return text.rstrip("/")
 
 
+class ElementError(ValueError):
+    """A bad element of an array setting: the loader names it ``key[index]``."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(problem)
+        self.index = index
+
+
+def urls(value: Any) -> tuple[str, ...]:
+    """One ``url`` or an array of them (signer replicas); "" is none, ``()``."""
+    if isinstance(value, str):
+        text = url(value)
+        return (text,) if text else ()
+    if not isinstance(value, list):
+        raise ValueError(f"expected a string or an array of strings, got {_toml_type(value)}")
+    if not value:
+        raise ValueError('an empty array: give at least one https:// URL, or "" for none')
+    found: list[str] = []
+    for index, item in enumerate(value):
+        try:
+            text = url(item)
+        except ValueError as exc:
+            raise ElementError(index, str(exc)) from None
+        if not text:
+            raise ElementError(index, "must not be empty")
+        if text in found:
+            raise ElementError(index, f"{text!r} is listed twice")
+        found.append(text)
+    return tuple(found)
+
+
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -192,7 +223,7 @@ Count = Annotated[int, count]
 PositiveCount = Annotated[int, positive_count]
 KeyType = Annotated[str, key_type]
 NodeName = Annotated[str, node_name]
-Url = Annotated[str, url]
+Urls = Annotated[tuple[str, ...], urls]
 LayoutName = Annotated[str, layout_name]
 RestartMode = Annotated[str, restart_mode]
 Version = Annotated[str, version_text]
@@ -223,7 +254,8 @@ def build(
             try:
                 values[name] = convert(raw)
             except ValueError as exc:
-                raise ConfigError(f"{where}: {dotted}: {exc}") from exc
+                at = f"[{exc.index}]" if isinstance(exc, ElementError) else ""
+                raise ConfigError(f"{where}: {dotted}{at}: {exc}") from exc
     return start._replace(**values)  # type: ignore[no-any-return]
 
 
@@ -287,7 +319,7 @@ class Policy(NamedTuple):
 
 
 class Signer(NamedTuple):
-    url: Url = ""
+    url: Urls = ()  # the replicas; each node tries them in its own order (edges.client)
     ca: NonEmpty = "/etc/kubecertd/signer-ca.pem"
     identity_cert: NonEmpty = "/var/lib/kubecertd/identity.pem"
     identity_key: NonEmpty = "/var/lib/kubecertd/identity-key.pem"

@@ -454,6 +454,8 @@ def run_daemon(config: Config) -> int:
         f"credentials: layout {layout.name} ({layout.shape}), {describe_layout(layout)}; found from {'; '.join(layout.found_from)}",
         node=config.node_name,
     )
-    client = HttpSignerClient(config.signer.url, config.signer.ca, config.signer.timeout)
+    client = HttpSignerClient(
+        config.signer.url, config.signer.ca, config.signer.timeout, node=config.node_name
+    )
     units = DbusUnitManager() if config.kubelet.restart != "false" else None
     return Daemon(config, layout, client, units).run()

@@ -113,7 +113,9 @@ def error_dict(error: KubecertdError) -> dict[str, str]:
 
 
 def client_for(config: Config) -> SignerClient:
-    return HttpSignerClient(config.signer.url, config.signer.ca, config.signer.timeout)
+    return HttpSignerClient(
+        config.signer.url, config.signer.ca, config.signer.timeout, node=config.node_name
+    )
 
 
 def require_signer(config: Config) -> None:

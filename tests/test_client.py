@@ -149,6 +149,19 @@ def test_silent_server_times_out(tmp_path: Path) -> None:
     assert time.monotonic() - start < 5
 
 
+def test_a_trickled_answer_is_cut_off_at_the_timeout(
+    serve: Callable[..., LoopbackServer], material: Material
+) -> None:
+    """Each byte comes well within the timeout, the whole answer never would: the
+    timeout bounds the exchange, so a slow signer cannot hold a heal for minutes."""
+    server = serve(always(pem_answer(material)._replace(trickle=0.05)))
+    client = HttpSignerClient(server.url, material.ca, 0.5)
+    start = time.monotonic()
+    with pytest.raises(SignerUnreachable, match=r"/v1/ca: timed out after 0\.5 s"):
+        client.fetch_ca()
+    assert time.monotonic() - start < 3  # the whole answer takes over 30 s
+
+
 def test_empty_url_is_misconfigured() -> None:
     """No [signer] url configured: SignerMisconfigured saying so, before any connection."""
     with pytest.raises(SignerMisconfigured, match=r"url is empty"):
@@ -166,6 +179,7 @@ class Reply(NamedTuple):
     headers: dict[str, str] = {}  # noqa: RUF012 - never mutated
     close: bool = False  # close the connection after answering, without saying so
     length: bool = True  # send Content-Length (else the body ends with the connection)
+    trickle: float = 0.0  # seconds between the bytes of the answer (0: all at once)
 
 
 class Seen(NamedTuple):
@@ -264,6 +278,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if reply.status is None:
             self.close_connection = True
             return
+        if reply.trickle:
+            self.close_connection = True
+            self.trickle(reply)
+            return
         self.send_response(reply.status)
         for name, value in reply.headers.items():
             self.send_header(name, value)
@@ -274,6 +292,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = reply.close or not reply.length
         self.end_headers()
         self.wfile.write(reply.body)
+
+    def trickle(self, reply: Reply) -> None:
+        """The answer one byte at a time, each in time for any per-read timeout."""
+        head = f"HTTP/1.1 {reply.status} X\r\nContent-Length: {len(reply.body)}\r\n\r\n"
+        answer = head.encode() + reply.body
+        for i in range(len(answer)):
+            try:
+                self.wfile.write(answer[i : i + 1])
+            except OSError:
+                return  # the client has given up
+            time.sleep(reply.trickle)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -297,6 +326,17 @@ def ca_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def material(tmp_path: Path) -> Material:
     """A test CA, a server certificate for 127.0.0.1 and a client identity, as files."""
+    return make_material(tmp_path)
+
+
+@pytest.fixture
+def serve(material: Material) -> Iterator[Callable[..., LoopbackServer]]:
+    """``serve(script)`` starts a LoopbackServer in a thread; each is shut down after the test."""
+    yield from serving(material)
+
+
+def make_material(tmp_path: Path) -> Material:
+    """The ``material`` fixture's files, for other test modules."""
     ca = factories.make_ca()
     server = factories.issue(
         ca,
@@ -327,9 +367,8 @@ def material(tmp_path: Path) -> Material:
     )
 
 
-@pytest.fixture
-def serve(material: Material) -> Iterator[Callable[..., LoopbackServer]]:
-    """``serve(script)`` starts a LoopbackServer in a thread; each is shut down after the test."""
+def serving(material: Material) -> Iterator[Callable[..., LoopbackServer]]:
+    """The ``serve`` fixture's body, for other test modules."""
     servers: list[LoopbackServer] = []
 
     def start(script: Callable[[str, str, list[Seen]], Reply]) -> LoopbackServer:

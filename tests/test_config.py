@@ -24,7 +24,7 @@ SPEC_DEFAULTS = {
     "files": {"ca": "ca.pem", "cert": "worker.pem", "key": "worker-key.pem"},
     "policy": {"key_type": "ecdsa-p256", "renew_fraction": 0.7, "warn_fraction": 0.8},
     "signer": {
-        "url": "",
+        "url": (),  # SPEC's "" (no signer): no replicas
         "ca": "/etc/kubecertd/signer-ca.pem",
         "identity_cert": "/var/lib/kubecertd/identity.pem",
         "identity_key": "/var/lib/kubecertd/identity-key.pem",
@@ -254,19 +254,69 @@ def test_key_type_invalid(key_type: str) -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("https://kubecertd-signer.example:8443", "https://kubecertd-signer.example:8443"),
-        ("https://kubecertd-signer.example:8443/", "https://kubecertd-signer.example:8443"),
-        ("", ""),
+        ("https://kubecertd-signer.example:8443", ("https://kubecertd-signer.example:8443",)),
+        ("https://kubecertd-signer.example:8443/", ("https://kubecertd-signer.example:8443",)),
+        ("", ()),
     ],
 )
-def test_signer_url(url: str, expected: str) -> None:
-    """The signer URL is https (or unset), without a trailing slash."""
+def test_signer_url(url: str, expected: tuple[str, ...]) -> None:
+    """One signer URL is https (or unset), without a trailing slash: one replica or none."""
     assert load(f'[signer]\nurl = "{url}"\n').signer.url == expected
 
 
 def test_signer_url_must_be_https() -> None:
     """A plain-http signer URL is an error naming signer.url."""
     assert "signer.url" in config_error('[signer]\nurl = "http://signer.example"\n')
+
+
+def test_signer_url_array_lists_the_replicas() -> None:
+    """An array of URLs keeps them all, in the file's order, each without a trailing slash."""
+    text = """\
+[signer]
+url = [
+  "https://signer-a.example:8443",
+  "https://signer-b.example:8443/",
+  "https://10.0.0.3:8443/kubecertd",
+]
+"""
+    assert load(text).signer.url == (
+        "https://signer-a.example:8443",
+        "https://signer-b.example:8443",
+        "https://10.0.0.3:8443/kubecertd",
+    )
+
+
+def test_signer_url_array_of_one_equals_the_string() -> None:
+    """url = ["https://s:8443"] is the same setting as url = "https://s:8443"."""
+    one = load('[signer]\nurl = ["https://s.example:8443"]\n').signer
+    assert one == load('[signer]\nurl = "https://s.example:8443"\n').signer
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            '["https://a.example", "http://b.example"]',
+            "signer.url[1]: 'http://b.example' must start with https://",
+        ),
+        ('["https://a.example", 8443]', "signer.url[1]: expected a string, got a number"),
+        ('[""]', "signer.url[0]: must not be empty"),
+        ('["https://a.example:99999"]', "signer.url[0]: 'https://a.example:99999' has a port"),
+        ('["https://a.example?x=1"]', "signer.url[0]: 'https://a.example?x=1' must not carry"),
+        (
+            '["https://a.example", "https://b.example", "https://a.example/"]',
+            "signer.url[2]: 'https://a.example' is listed twice",
+        ),
+        ("[]", "signer.url: an empty array"),
+        ("8443", "signer.url: expected a string or an array of strings, got a number"),
+    ],
+    ids=["http", "number", "empty", "port", "query", "twice", "empty-array", "not-array"],
+)
+def test_signer_url_array_errors(value: str, message: str) -> None:
+    """A bad array or element is one line naming the file, signer.url and the element's index."""
+    error = config_error(f"[signer]\nurl = {value}\n")
+    assert error.startswith(f"{WHERE}: {message}")
+    assert "\n" not in error
 
 
 def test_whole_numbers_and_booleans() -> None:

@@ -6,7 +6,8 @@ becomes ``SignerMisconfigured`` and is never retried: no URL, a trust anchor or 
 identity that does not load, a signer certificate that does not verify against
 ``[signer] ca``, or a TLS alert by which the signer rejects the client certificate.
 Nothing here looks at certificates: the caller verifies every answer before it
-touches a file.
+touches a file.  With several replicas in ``[signer] url``, an unreachable one hands the
+call to the next (SPEC "Fail-over"); nothing else does.
 
 The standard library rather than requests: importing requests costs the idle agent
 6.4 MiB (urllib3, charset_normalizer, idna), http.client and ssl 1.8 MiB.  Nothing from
@@ -16,14 +17,17 @@ against ``[signer] ca`` alone, its host name included.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
 import select
+import socket
 import ssl
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any, NamedTuple, Protocol
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
+from typing import Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from .. import __version__
@@ -56,6 +60,8 @@ _REJECTED_CLIENT = frozenset(
 )
 
 _Stamp = tuple[tuple[int, int, int] | None, ...]
+_T = TypeVar("_T")
+_Kept = tuple[str, ClientCert | None]  # (replica, identity) of a kept connection
 
 
 class Issued(NamedTuple):
@@ -85,19 +91,29 @@ class SignerClient(Protocol):
 class HttpSignerClient:
     """The real client, the server checked against ``ca``.
 
+    ``urls`` are the signer's replicas (one URL or several).  Each node tries them in
+    its own order (``replica_order``); a replica that cannot be reached, times out or
+    answers 5xx (``SignerUnreachable``) hands the call to the next one.  A refusal
+    (any 4xx, 429 included: the replicas share the rate limit through their database)
+    and a ``SignerMisconfigured`` end the call at once.  Inside a ``conversation()``
+    the replica that answered first is asked first again.
+
     Outside a ``conversation()`` each call opens a connection of its own and closes it;
-    inside one, calls with the same client certificate reuse one kept-alive TLS
-    connection, which saves a handshake per heal.  Nothing stays open between
+    inside one, calls with the same replica and client certificate reuse one kept-alive
+    TLS connection, which saves a handshake per heal.  Nothing stays open between
     conversations.  The ``SSLContext`` of each client certificate is kept and built
     again only when the CA, certificate or key file changes (a renewed identity).
     """
 
-    def __init__(self, url: str, ca: str, timeout: float) -> None:
-        self.url = url.rstrip("/")
+    def __init__(self, urls: str | Sequence[str], ca: str, timeout: float, node: str = "") -> None:
+        given = [urls] if isinstance(urls, str) else urls
+        self.urls = replica_order([url.rstrip("/") for url in given if url], node)
         self.ca = ca
         self.timeout = timeout
+        self.answered = ""  # the replica that gave the last answer, "" before any
         self._contexts: dict[ClientCert | None, tuple[_Stamp, ssl.SSLContext]] = {}
-        self._kept: dict[ClientCert | None, http.client.HTTPSConnection] | None = None
+        self._kept: dict[_Kept, http.client.HTTPSConnection] | None = None
+        self._sticky = ""  # in a conversation: the replica that answered in it
 
     @contextmanager
     def conversation(self) -> Iterator[None]:
@@ -108,14 +124,14 @@ class HttpSignerClient:
         try:
             yield
         finally:
-            kept, self._kept = self._kept, None
+            kept, self._kept, self._sticky = self._kept, None, ""
             for connection in kept.values():
                 connection.close()
 
     def fetch_ca(self, identity: ClientCert | None = None) -> bytes:
         # No certificate is needed for /v1/ca; presenting the one the next call uses
         # lets both share a connection.
-        return _pem(self._call("GET", "/v1/ca", None, identity), "ca_bundle")
+        return self._call("GET", "/v1/ca", None, identity, _ca_bundle)
 
     def sign(
         self, csr_pem: bytes, reason: str, identity: ClientCert, culprits: str | None = None
@@ -123,35 +139,82 @@ class HttpSignerClient:
         body = {"csr": csr_pem.decode(), "reason": reason}
         if culprits is not None:
             body["culprits"] = culprits
-        return _issued(self._call("POST", "/v1/sign", body, identity))
+        return self._call("POST", "/v1/sign", body, identity, _issued)
 
     def enroll(self, token: str, csr_pem: bytes) -> Issued:
-        return _issued(
-            self._call("POST", "/v1/enroll", {"token": token, "csr": csr_pem.decode()}, None)
-        )
+        body = {"token": token, "csr": csr_pem.decode()}
+        return self._call("POST", "/v1/enroll", body, None, _issued)
 
     def renew_identity(self, csr_pem: bytes, identity: ClientCert) -> Issued:
-        return _issued(self._call("POST", "/v1/identity", {"csr": csr_pem.decode()}, identity))
+        return self._call("POST", "/v1/identity", {"csr": csr_pem.decode()}, identity, _issued)
 
     def _call(
-        self, method: str, path: str, body: dict[str, str] | None, identity: ClientCert | None
-    ) -> dict[str, Any]:
-        where = f"{self.url}{path}"
-        host, port, prefix = self._target()
+        self,
+        method: str,
+        path: str,
+        body: dict[str, str] | None,
+        identity: ClientCert | None,
+        read: Callable[[dict[str, Any]], _T],
+    ) -> _T:
+        """Ask the replicas in turn until one answers; ``read`` takes the answer apart.
+
+        When none answers, one ``SignerUnreachable`` names each replica and why, with
+        the longest Retry-After any of them sent.
+        """
+        targets = {url: _target(url) for url in self.urls}  # every URL checked first
+        if not targets:
+            raise SignerMisconfigured("no signer configured: [signer] url is empty")
+        order = sorted(self.urls, key=lambda url: url != self._sticky)  # stable
+        failures: list[SignerUnreachable] = []
+        for url in order:
+            try:
+                answer = self._ask(url, targets[url], method, path, body, identity, read)
+            except SignerUnreachable as exc:
+                failures.append(exc)
+                continue
+            except SignerRefused:
+                self.answered = url
+                raise
+            self.answered = url
+            if self._kept is not None:
+                self._sticky = url
+            return answer
+        if len(failures) == 1:
+            raise failures[0]
+        waits = [f.retry_after for f in failures if f.retry_after is not None]
+        raise SignerUnreachable(
+            f"none of the {len(failures)} signer replicas answered: "
+            + "; ".join(str(f) for f in failures),
+            max(waits, default=None),
+        ) from failures[-1]
+
+    def _ask(
+        self,
+        url: str,
+        target: tuple[str, int | None, str],
+        method: str,
+        path: str,
+        body: dict[str, str] | None,
+        identity: ClientCert | None,
+        read: Callable[[dict[str, Any]], _T],
+    ) -> _T:
+        """One request to one replica: its answer taken apart, or the error it comes to."""
+        where = f"{url}{path}"
+        host, port, prefix = target
         headers = dict(_HEADERS)
         payload = None
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         kept = self._kept
-        connection = kept.get(identity) if kept is not None else None
+        connection = kept.get((url, identity)) if kept is not None else None
         if connection is None:
             context = self._context(where, identity)
             connection = http.client.HTTPSConnection(
                 host, port, timeout=self.timeout, context=context
             )
             if kept is not None:
-                kept[identity] = connection
+                kept[url, identity] = connection
         try:
             status, retry_after, answer = _exchange(
                 connection, method, prefix + path, payload, headers
@@ -176,20 +239,10 @@ class HttpSignerClient:
                 connection.close()
         if answer is None:
             raise SignerUnreachable(f"{where}: answer too large (over {MAX_ANSWER} bytes)")
-        return _answer(where, status, retry_after, answer)
-
-    def _target(self) -> tuple[str, int | None, str]:
-        """Host, port and path prefix of ``url``: https://host[:port][/prefix]."""
-        if not self.url:
-            raise SignerMisconfigured("no signer configured: [signer] url is empty")
-        parts = urlsplit(self.url)
         try:
-            host, port = parts.hostname, parts.port
-        except ValueError:  # a port that is not a number or out of range
-            host = port = None
-        if parts.scheme != "https" or not host:
-            raise SignerMisconfigured(f"[signer] url {self.url}: not an https://host[:port] URL")
-        return host, port, parts.path.rstrip("/")
+            return read(_answer(where, status, retry_after, answer))
+        except ValueError as exc:  # a 2xx without the fields the call needs
+            raise SignerUnreachable(f"{where}: {exc}") from exc
 
     def _context(self, where: str, identity: ClientCert | None) -> ssl.SSLContext:
         """The TLS settings for ``identity``, built again when one of its files changed."""
@@ -217,6 +270,33 @@ class HttpSignerClient:
         return context
 
 
+def replica_order(urls: Sequence[str], node: str) -> tuple[str, ...]:
+    """The replicas in the order ``node`` tries them: rendezvous hashing.
+
+    Each replica's weight for a node is sha256(node NUL url); the heaviest comes first.
+    The fleet spreads evenly over the replicas, and removing one moves only the nodes
+    that had it first (https://en.wikipedia.org/wiki/Rendezvous_hashing).  A URL given
+    twice is asked once.
+    """
+
+    def weight(url: str) -> bytes:
+        return hashlib.sha256(f"{node}\0{url}".encode()).digest()
+
+    return tuple(sorted(dict.fromkeys(urls), key=weight, reverse=True))
+
+
+def _target(url: str) -> tuple[str, int | None, str]:
+    """Host, port and path prefix of ``url``: https://host[:port][/prefix]."""
+    parts = urlsplit(url)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number or out of range
+        host = port = None
+    if parts.scheme != "https" or not host:
+        raise SignerMisconfigured(f"[signer] url {url}: not an https://host[:port] URL")
+    return host, port, parts.path.rstrip("/")
+
+
 def _exchange(
     connection: http.client.HTTPSConnection,
     method: str,
@@ -228,30 +308,66 @@ def _exchange(
 
     A kept connection the server has closed since its last answer is opened again
     before the request; one found dead while a GET is sent is retried once on a new one.
-    A POST is never sent twice: the signer may have acted on the first.
+    A POST is never sent twice to one replica: it may have acted on the first.
+
+    The connection's timeout bounds the whole exchange, not only each read: a signer
+    (or anything between) that trickles its answer a few bytes at a time is cut off
+    when the time is up, and that is a ``TimeoutError`` like any other.
     """
     reused = connection.sock is not None
     if reused and _closed_by_peer(connection.sock):
         connection.close()  # request() opens a new one
         reused = False
-    try:
+    with _cut_after(connection) as cut:
         try:
-            connection.request(method, target, payload, headers)
-            response = connection.getresponse()
-        except _DEAD_CONNECTION:
-            if not reused or method != "GET":
-                raise
-            connection.close()
-            connection.request(method, target, payload, headers)
-            response = connection.getresponse()
-        retry_after = _retry_after(response.getheader("Retry-After"))
-        body = _read(response)
-    except BaseException:
-        connection.close()  # in an unknown state: a kept one starts afresh next time
-        raise
+            try:
+                connection.request(method, target, payload, headers)
+                response = connection.getresponse()
+            except _DEAD_CONNECTION:
+                if not reused or method != "GET":
+                    raise
+                connection.close()
+                connection.request(method, target, payload, headers)
+                response = connection.getresponse()
+            retry_after = _retry_after(response.getheader("Retry-After"))
+            body = _read(response)
+        except BaseException as exc:
+            connection.close()  # in an unknown state: a kept one starts afresh next time
+            if cut.is_set():
+                raise TimeoutError("the whole exchange took too long") from exc
+            raise
+    if cut.is_set():  # cut just as the last byte came: nothing lost, but a short answer
+        connection.close()
+        raise TimeoutError("the whole exchange took too long")
     if body is None:
         connection.close()  # the rest of the answer is still on the wire
     return response.status, retry_after, body
+
+
+@contextmanager
+def _cut_after(connection: http.client.HTTPSConnection) -> Iterator[threading.Event]:
+    """Shuts the connection's socket down once ``connection.timeout`` has passed.
+
+    The shutdown (the socket's own, not TLS's) wakes a read blocked in another thread
+    at once; the event says that it happened.  One short-lived timer thread per request.
+    """
+    cut = threading.Event()
+
+    def shut() -> None:
+        cut.set()
+        sock = connection.sock
+        if sock is not None:
+            with suppress(OSError):  # already closed
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    timer = threading.Timer(connection.timeout or 0.0, shut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield cut
+    finally:
+        timer.cancel()
+        timer.join()  # no shutdown once the exchange is over
 
 
 def _closed_by_peer(sock: Any) -> bool:
@@ -307,8 +423,12 @@ def _retry_after(value: str | None) -> float | None:
 def _pem(payload: dict[str, Any], field: str) -> bytes:
     value = payload.get(field)
     if not isinstance(value, str) or "-----BEGIN CERTIFICATE-----" not in value:
-        raise SignerUnreachable(f"signer answer lacks a PEM {field}")
+        raise ValueError(f"answer lacks a PEM {field}")
     return value.encode()
+
+
+def _ca_bundle(payload: dict[str, Any]) -> bytes:
+    return _pem(payload, "ca_bundle")
 
 
 def _issued(payload: dict[str, Any]) -> Issued:
