@@ -333,10 +333,7 @@ class Daemon:
 
     def _failed(self, diagnosis: Diagnosis, reason: str, exc: KubecertdError) -> Diagnosis:
         self.counters.renewals["failure"] += 1
-        retry_after = (
-            exc.retry_after if isinstance(exc, SignerUnreachable | SignerRefused) else None
-        )
-        delay = schedule.retry_delay(self.attempts, self.random, retry_after)
+        delay = schedule.delay_after(self.attempts, self.random, exc)
         self.attempts += 1
         self.timers.retry = self.monotonic() + delay
         node = self.config.node_name

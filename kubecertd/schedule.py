@@ -52,6 +52,15 @@ def retry_delay(attempt: int, random: Callable[[], float], retry_after: float | 
     return backoff(attempt, random)
 
 
+def delay_after(attempt: int, random: Callable[[], float], error: BaseException) -> float:
+    """The wait after a failed heal: the Retry-After the signer's error carries, else backoff.
+
+    What the daemon decides after every failure, and what ``bench/fleet_storm.py``'s
+    simulated nodes decide: only a signer's 429 or 5xx carries a ``retry_after``.
+    """
+    return retry_delay(attempt, random, getattr(error, "retry_after", None))
+
+
 def restarts_left(history: Sequence[float], now: float, per_hour: int) -> int:
     """How many kubelet restarts the budget allows now, given past restart times.
 

@@ -12,10 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kubecertd.errors import InstallError, SignerRefused, SignerUnreachable
 from kubecertd.schedule import (
     BACKOFF_CAP,
     MAX_JITTER,
     backoff,
+    delay_after,
     node_jitter,
     prune_history,
     renewal_point,
@@ -252,3 +254,12 @@ def test_restart_budget_counts_restarts_from_a_clock_stepped_back() -> None:
     """Restarts stamped a few seconds in the future (clock stepped back) still count against the budget."""
     history = [NOW_TS + 5, NOW_TS + 10, NOW_TS + 15, NOW_TS + 20]
     assert restarts_left(history, NOW_TS, 4) == 0
+
+
+def test_delay_after_takes_the_signers_retry_after_else_backs_off() -> None:
+    busy = SignerUnreachable("https://signer/v1/sign: 503 unavailable: database", 7.0)
+    limited = SignerRefused(429, "rate-limited", "too many", 60.0)
+    assert delay_after(3, constant(0.5), busy) == 7.0
+    assert delay_after(3, constant(0.5), limited) == 60.0
+    assert delay_after(3, constant(0.5), SignerUnreachable("refused")) == backoff(3, constant(0.5))
+    assert delay_after(3, constant(0.5), InstallError("disk full")) == backoff(3, constant(0.5))
