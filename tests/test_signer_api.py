@@ -192,6 +192,39 @@ def test_healthz_says_ok(signer: Signer) -> None:
     assert (answer.status_code, answer.text) == (200, "ok")
 
 
+def test_livez_says_ok(signer: Signer) -> None:
+    """GET /livez answers 200 ``ok``: the worker's loop is alive, whatever its database does."""
+    answer = signer.get("/livez")
+    assert (answer.status_code, answer.text) == (200, "ok")
+
+
+def test_lost_state_file_is_not_ready_and_503_with_retry_after(
+    start_signer: Callable[..., Signer],
+) -> None:
+    """With its SQLite file gone, a worker's /healthz is 503 naming the file, and an issuance
+    is 503 `unavailable` with Retry-After on a closed connection; /livez stays 200."""
+    running = start_signer()
+    identity = running.enroll("node-gone")
+    for path in running.directory.glob("state.db*"):
+        path.unlink()
+    deadline = time.monotonic() + 10
+    while (probe := running.get("/healthz")).status_code != 503:  # after the 1 s cache
+        assert time.monotonic() < deadline, probe.text
+        time.sleep(0.05)  # poll interval, bounded by the deadline
+    assert probe.text.startswith("not ready: SQLite state database ")
+    assert str(running.state) in probe.text
+    assert probe.headers["Retry-After"] == "5"
+    answer = running.post("/v1/sign", {"csr": kubelet_csr("node-gone")}, client=identity)
+    assert answer.status_code == 503
+    assert answer.json()["error"] == "unavailable"
+    assert answer.headers["Retry-After"] == "5"
+    assert answer.headers["Connection"] == "close"
+    assert running.get("/livez").status_code == 200
+    if not JOURNAL_SOCKET.exists():  # else the line went to journald
+        line = next(x for x in running.log_text().splitlines() if "unavailable" in x)
+        assert f"nothing issued: SQLite state database {running.state} is gone" in line
+
+
 def issued_total(signer: Signer, endpoint: str) -> float:
     answer = signer.get("/metrics")
     assert answer.status_code == 200
@@ -859,19 +892,23 @@ def test_audit_records_every_decision(signer: Signer) -> None:
     assert [a.status_code for a in (again, signed, stolen, revoked)] == [403, 201, 403, 403]
 
     mine = audit(signer, "--node", node)
-    assert {record["node"] for record in mine} == {node}
-    # A refusal is filed under the node that asked, so node A asking for B shows under A.
+    # A refusal is filed under the node that asked, so node A asking for B shows under A;
+    # the spent token's enrollment, tied to no node, shows by the node its CSR claims.
+    assert [(r["node"], r["claimed_node"]) for r in mine] == [
+        (node, None), (None, node), (node, None), (node, other), (node, None),
+    ]  # fmt: skip
     assert [(r["endpoint"], r["outcome"], r["code"]) for r in mine] == [
         ("enroll", "issued", None),
+        ("enroll", "refused", "token-invalid"),
         ("sign", "issued", None),
         ("sign", "refused", "forbidden-node"),
         ("sign", "refused", "node-revoked"),
     ]
-    assert mine[1]["serial"] == signed.json()["serial"]
-    assert mine[1]["reason"] == "renewal"
-    assert mine[2]["identity"] == f"identity:{format(cert_of(identity).serial_number, 'x')}"
-    assert other in str(mine[2]["message"])
-    assert audit(signer, "--node", other) == []
+    assert mine[2]["serial"] == signed.json()["serial"]
+    assert mine[2]["reason"] == "renewal"
+    assert mine[3]["identity"] == f"identity:{format(cert_of(identity).serial_number, 'x')}"
+    assert other in str(mine[3]["message"])
+    assert audit(signer, "--node", other) == [mine[3]]  # B's certificate, asked by A
     everything = signer.cli("audit", "--json")
     assert everything.returncode == 0
     records: list[dict[str, object]] = json.loads(everything.stdout)

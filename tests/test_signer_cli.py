@@ -490,6 +490,7 @@ def audited(tmp_path: Path, *records: AuditRecord) -> Path:
 
 
 HOUR = dt.timedelta(hours=1)
+MINUTE = dt.timedelta(minutes=1)
 CLAIMS = {
     "a1": "unlink kubelet.key by rm[1] uid 0",
     "b2": "unlink kubelet.key by rm[4242] uid 0\nunlink kubelet.crt by rm[4242] uid 0",
@@ -536,7 +537,7 @@ def test_audit_shows_each_claim_line_under_its_row(
     assert status == 0
     listed = json.loads(out)
     assert {entry["serial"]: entry["claim"] for entry in listed} == CLAIMS
-    assert list(listed[2]) == [*AUDIT_FIELDS, "claim"]
+    assert list(listed[2]) == [*AUDIT_FIELDS, "claim", "claimed_node"]
 
 
 @pytest.mark.parametrize(
@@ -582,6 +583,65 @@ def test_audit_shows_the_claim_of_a_refusal(
         "  node-e claims: unlink kubelet.key",
     ]
     assert "refused:rate-limited" in out.splitlines()[1]
+
+
+def test_audit_says_when_older_records_exist_and_pages(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Over --limit, audit says on stderr that older records exist and how to see them;
+    --offset shows the next page; at or under the limit it says nothing."""
+    records = [record(HOUR - n * MINUTE, "node-p", f"p{n}") for n in range(5)]
+    config = audited(tmp_path, *records)
+    status, out, err = run(capsys, "audit", "--limit", "2", "--json", "--config", config)
+    assert status == 0
+    assert [entry["serial"] for entry in json.loads(out)] == ["p3", "p4"]
+    assert err == (
+        "kubecertd-signer: note: showing the newest 2 matching records; older ones exist"
+        " (--limit N shows more, --offset 2 the next page)\n"
+    )
+    status, out, err = run(capsys, "audit", "--limit", "2", "--offset", "2", "--config", config)
+    assert status == 0
+    assert [row.split()[5] for row in out.splitlines()[1:]] == ["p1", "p2"]
+    assert "after the newest 2" in err
+    assert "--offset 4 the next page" in err
+    status, out, err = run(capsys, "audit", "--limit", "5", "--json", "--config", config)
+    assert (status, err, len(json.loads(out))) == (0, "", 5)
+    status, out, err = run(capsys, "audit", "--offset", "4", "--json", "--config", config)
+    assert (status, err, [e["serial"] for e in json.loads(out)]) == (0, "", ["p0"])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--limit", "0"), ("--offset", "-1"), ("--limit", "x")]
+)
+def test_audit_bad_page_flags_are_usage_errors(
+    signer_config: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """A --limit below 1, a negative --offset or a non-number is a usage error (exit 2)."""
+    status, _out, err = run(capsys, "audit", flag, value, "--config", signer_config)
+    assert status == 2
+    assert flag in err
+
+
+def test_audit_node_finds_what_a_refused_request_claimed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refusal tied to no node is found by `audit --node` through the node its CSR
+    claimed, shown apart from the NODE column as the request's unverified word."""
+    refused = dataclasses.replace(
+        record(HOUR, "x", ""), node=None, endpoint="enroll", identity="token:0123456789ab",
+        outcome=REFUSED, code="token-invalid", message="bad token", serial=None,
+        claimed_node="node-q",
+    )  # fmt: skip
+    config = audited(tmp_path, refused, record(MINUTE, "node-r", "r1"))
+    status, out, _ = run(capsys, "audit", "--node", "node-q", "--config", config)
+    assert status == 0
+    lines = out.splitlines()
+    assert len(lines) == 3
+    assert lines[1].split()[2] == "-"
+    assert lines[2] == "  the request claims node node-q (unverified)"
+    status, out, _ = run(capsys, "audit", "--node", "node-q", "--json", "--config", config)
+    [entry] = json.loads(out)
+    assert (entry["node"], entry["claimed_node"]) == (None, "node-q")
 
 
 def test_init_keys_are_private_from_the_start(signer_config: Path) -> None:

@@ -804,6 +804,53 @@ def test_audit_filters_by_node_oldest_first(store: Store) -> None:
     assert anonymous in store.audit()
 
 
+def test_audit_offset_pages_back(store: Store) -> None:
+    """With an offset, audit skips that many of the newest: pages follow each other."""
+    records = [issued(T0 + n * SECOND) for n in range(5)]
+    for record in records:
+        store.commit(record)
+    assert store.audit(limit=2, offset=0) == records[3:]
+    assert store.audit(limit=2, offset=2) == records[1:3]
+    assert store.audit(limit=2, offset=4) == records[:1]
+    assert store.audit(NODE, limit=10, offset=5) == []
+
+
+def test_audit_node_finds_a_claimed_node(store: Store) -> None:
+    """audit(node) also lists records whose request only claimed that node, and the claim
+    stays apart from the record's node."""
+    unknown = dataclasses.replace(
+        refused_csr(T0, node=None), identity="token:0123456789ab", claimed_node=OTHER
+    )
+    store.commit(unknown)
+    store.commit(issued(T0 + SECOND))
+    assert store.audit(OTHER) == [unknown]
+    [back] = store.audit(OTHER)
+    assert back.node is None
+    assert back.claimed_node == OTHER
+
+
+def test_commit_past_its_answer_by_writes_nothing(store: Store) -> None:
+    """A batch whose answer_by has passed (the signer answered 503) is a StoreError and
+    spends, counts and audits nothing; one in time commits."""
+    store.create_token(make_token())
+    late = dt.datetime.now(UTC) - SECOND
+    batch = [Commit(issued(endpoint="enroll"), spend_token=TOKEN_ID, answer_by=late)]
+    with pytest.raises(StoreError, match="too late to commit"):
+        store.commit_many(batch)
+    assert store.audit() == []
+    assert store.find_token(TOKEN_ID, T0) == make_token()
+    soon = dt.datetime.now(UTC) + dt.timedelta(seconds=30)
+    assert store.commit_many([dataclasses.replace(batch[0], answer_by=soon)]) == [Verdict()]
+
+
+def test_ping_reaches_the_database(store: Store, db: Db) -> None:
+    """ping succeeds on a working database and is a StoreError once it is gone."""
+    store.ping()
+    db.destroy()
+    with pytest.raises(StoreError):
+        store.ping()
+
+
 def test_audit_limit_keeps_the_newest(store: Store) -> None:
     """With a limit, audit gives the newest records, still oldest first."""
     records = [issued(T0 + n * SECOND) for n in range(5)]
@@ -868,7 +915,7 @@ def test_audit_claims_only(store: Store) -> None:
     assert len(store.audit(NODE)) == 5
 
 
-SCHEMA_VERSION = 1  # migrations in this release: 1 adds audit.claim
+SCHEMA_VERSION = 2  # migrations in this release: 1 adds audit.claim, 2 claimed_node (+ answer_by)
 
 
 def test_new_database_is_at_this_releases_schema(store: Store, db: Db) -> None:
@@ -997,20 +1044,96 @@ def test_unusable_database_is_a_store_error_at_open(
     assert "state database" in str(caught.value)
 
 
-def test_postgres_reconnects_after_losing_its_connection(postgres_url: str) -> None:
-    """A killed connection fails one call with StoreError; the next call reconnects."""
+def _terminate_others(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
+def test_postgres_runs_again_on_a_fresh_connection(postgres_url: str) -> None:
+    """A connection killed while idle costs no failure: a read or a batch runs once more on
+    a fresh connection, and the batch is written once."""
     replica = PostgresStore(postgres_url)
     replica.open()
     try:
         replica.create_token(make_token())
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        with pytest.raises(StoreError):
-            replica.find_token(TOKEN_ID, T0)
+        _terminate_others(postgres_url)
         assert replica.find_token(TOKEN_ID, T0) == make_token()
+        _terminate_others(postgres_url)
+        batch = [
+            Commit(issued(endpoint="enroll"), spend_token=TOKEN_ID),
+            Commit(issued(T0 + SECOND)),
+        ]
+        assert replica.commit_many(batch) == [Verdict(), Verdict()]
+        assert replica.audit() == [batch[0].record, batch[1].record]
+        _terminate_others(postgres_url)
+        replica.ping()
+    finally:
+        replica.close()
+
+
+def test_postgres_lost_single_write_is_not_repeated(postgres_url: str) -> None:
+    """An autocommit write whose connection was lost may have committed: it fails once
+    (StoreError), is not run again, and the next call reconnects."""
+    replica = PostgresStore(postgres_url)
+    replica.open()
+    try:
+        _terminate_others(postgres_url)
+        with pytest.raises(StoreError, match="cannot create token"):
+            replica.create_token(make_token())
+        replica.create_token(make_token())
+        assert replica.find_token(TOKEN_ID, T0) == make_token()
+    finally:
+        replica.close()
+
+
+def test_postgres_row_past_its_answer_by_cannot_commit(postgres_url: str) -> None:
+    """The database itself refuses to COMMIT an audit row whose answer_by has passed (the
+    deferred trigger), whoever inserts it; a row without answer_by (an older replica's)
+    commits."""
+    PostgresStore(postgres_url).open()  # creates and migrates the schema
+    with psycopg.connect(postgres_url) as raw:
+        raw.execute(
+            "INSERT INTO audit (time, endpoint, identity, reason, outcome, message, peer,"
+            " answer_by) VALUES (now(), 'sign', 'x', '', 'issued', 'issued', 'p',"
+            " clock_timestamp() + interval '200 milliseconds')"
+        )
+        raw.execute("SELECT pg_sleep(0.4)")  # the statements pass; the COMMIT is late
+        with pytest.raises(psycopg.errors.RaiseException, match="too late to commit"):
+            raw.commit()
+    with psycopg.connect(postgres_url, autocommit=True) as raw:
+        raw.execute(
+            "INSERT INTO audit (time, endpoint, identity, reason, outcome, message, peer)"
+            " VALUES (now(), 'sign', 'x', '', 'issued', 'issued', 'p')"
+        )
+        assert raw.execute("SELECT count(*) FROM audit").fetchone() == (1,)
+
+
+def test_postgres_migration_from_version_1_adds_the_guard(postgres_url: str) -> None:
+    """A database at version 1 (the claim column) is brought to version 2 with its
+    answer_by trigger."""
+    with psycopg.connect(postgres_url, autocommit=True) as raw:
+        raw.execute(FIRST_POSTGRES_SCHEMA.encode())
+        raw.execute(
+            "ALTER TABLE audit ADD COLUMN claim text;"
+            " CREATE TABLE kubecertd_schema (version integer PRIMARY KEY,"
+            " applied timestamptz NOT NULL DEFAULT now());"
+            " INSERT INTO kubecertd_schema (version) VALUES (1)"
+        )
+    replica = PostgresStore(postgres_url)
+    replica.open()
+    try:
+        late = dt.datetime.now(UTC) - SECOND
+        with pytest.raises(StoreError, match="too late to commit"):
+            replica.commit_many([Commit(issued(), answer_by=late)])
+        with psycopg.connect(postgres_url, autocommit=True) as raw:
+            row = raw.execute(
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'audit_answer_in_time'"
+                " AND tgdeferrable AND tginitdeferred"
+            ).fetchone()
+            assert row == (1,)
     finally:
         replica.close()
 

@@ -36,6 +36,18 @@ BODY_TIMEOUT = 10.0  # seconds to receive a whole request body, from its headers
 MAX_DEPTH = 32  # levels of arrays and objects in a body; SPEC's bodies have one
 MAX_DIGITS = 100  # digits of a JSON integer; SPEC's bodies have none
 MAX_CLAIM = 1024  # bytes of UTF-8 in a sign request's "culprits"
+DATABASE_TIMEOUT = 5.0  # seconds; the server sets [limits] database_timeout
+# Seconds the server waits for a commit beyond its answer_by: the database refuses to
+# commit after answer_by, so an answer given up on is never recorded as issued, unless
+# the end of a COMMIT that passed that check (WAL flush, the way back) plus the two
+# hosts' clock difference take longer than this (store/postgres.py's docstring).  After
+# answer_by, not before it: a COMMIT checked just before answer_by still commits, and
+# giving up earlier would leave exactly such a commit unanswered.
+ANSWER_MARGIN = 1.0
+HEALTH_TIMEOUT = 2.0  # seconds /healthz waits for the database (at most database_timeout)
+HEALTH_CACHE = 1.0  # seconds a worker reuses its last readiness probe
+RETRY_AFTER_UNAVAILABLE = 5  # seconds, the Retry-After of 503 answers
+TEXT = "text/plain; charset=utf-8"
 Clock = Callable[[], dt.datetime]
 
 
@@ -62,14 +74,16 @@ class Wait:
 
     ``kind`` is ``"body"`` (the connection reads the rest of the request), ``"commit"``
     (the database thread writes ``payload``, a ``store.Commit``, in the next group
-    commit) or ``"call"`` (the database thread returns ``payload(store)``).
+    commit) or ``"call"`` (the database thread returns ``payload(store)``).  The server
+    waits for a database result ``timeout`` seconds at most, then throws StoreError.
     """
 
-    __slots__ = ("kind", "payload")
+    __slots__ = ("kind", "payload", "timeout")
 
-    def __init__(self, kind: str, payload: Any = None) -> None:
+    def __init__(self, kind: str, payload: Any = None, timeout: float | None = None) -> None:
         self.kind = kind
         self.payload = payload
+        self.timeout = timeout
 
     def __await__(self) -> Generator[Wait, Any, Any]:
         return (yield self)
@@ -82,8 +96,12 @@ class Database:
     """The store as handlers await it: each call runs on the worker's database thread.
 
     Commits waiting together are written in one transaction (group commit) and each
-    handler resumes only once it is durable.
+    handler resumes only once it is durable.  Every call waits ``timeout`` seconds at
+    most; a commit carries its ``answer_by``, after which it can no longer commit.
     """
+
+    def __init__(self, timeout: float = DATABASE_TIMEOUT) -> None:
+        self.timeout = timeout
 
     async def commit(
         self,
@@ -92,16 +110,26 @@ class Database:
         spend_token: str | None = None,
         rate_limit: int | None = None,
     ) -> Verdict:
-        verdict: Verdict = await Wait("commit", Commit(record, spend_token, rate_limit))
+        # The real clock, not the handler's: the database compares it with its own.
+        answer_by = utcnow() + dt.timedelta(seconds=self.timeout)
+        item = Commit(record, spend_token, rate_limit, answer_by)
+        verdict: Verdict = await Wait("commit", item, self.timeout + ANSWER_MARGIN)
         return verdict
 
     async def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
-        found: TokenInfo | None = await Wait("call", lambda store: store.find_token(token_id, now))
+        found: TokenInfo | None = await Wait(
+            "call", lambda store: store.find_token(token_id, now), self.timeout
+        )
         return found
 
     async def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
-        listed: list[TokenInfo] = await Wait("call", lambda store: store.list_tokens(now))
+        listed: list[TokenInfo] = await Wait(
+            "call", lambda store: store.list_tokens(now), self.timeout
+        )
         return listed
+
+    async def ping(self) -> None:
+        await Wait("call", lambda store: store.ping(), min(HEALTH_TIMEOUT, self.timeout))
 
 
 @dataclass
@@ -160,6 +188,24 @@ class Signer:
         self.cluster_cas = list(authority.cluster_certs)
         # The answers that never change, rendered once.
         self.ca_answer = json.dumps({"ca_bundle": authority.cluster_bundle}).encode()
+        # The last readiness probe: when it started (monotonic) and what it found.
+        self.probed_at = -HEALTH_CACHE
+        self.not_ready: str | None = None
+
+    async def readiness(self) -> str | None:
+        """Why this worker cannot serve issuance now (its database), or None; probed at
+        most once per HEALTH_CACHE seconds, so a flood of /healthz is no flood of queries."""
+        started = time.monotonic()
+        if started - self.probed_at < HEALTH_CACHE:
+            return self.not_ready
+        self.probed_at = started
+        try:
+            await self.db.ping()
+        except StoreError as exc:
+            self.not_ready = _one_line(str(exc), 300)
+        else:
+            self.not_ready = None
+        return self.not_ready
 
     async def handle(self, request: Request) -> Response:
         """The answer to ``request``: a handler's, or SPEC's error body for what it raised."""
@@ -176,16 +222,25 @@ class Signer:
             answer = error_body(refusal.status, refusal.code, refusal.message, refusal.retry_after)
             answer.close = refusal.close
             return answer
-        except StoreError:
+        except StoreError as exc:
+            why = _one_line(str(exc), 300)  # the store's messages never hold a password
             journal.send(
                 "refused",
-                "state database unavailable; nothing issued",
+                f"state database unavailable; nothing issued: {why}",
                 journal.ERR,
                 code="unavailable",
+                database_error=why,
             )
-            return error_body(
-                503, "unavailable", "the signer's state database is unavailable; try again"
+            answer = error_body(
+                503,
+                "unavailable",
+                "the signer's state database is unavailable; try again",
+                RETRY_AFTER_UNAVAILABLE,
             )
+            # Closed: a retry may reach another replica behind a balancer, and a call that
+            # timed out cannot hand its late result to a later request's handler.
+            answer.close = True
+            return answer
         except Exception as exc:  # noqa: BLE001 - the last line of defence: log, answer 500
             message = f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"
             journal.send("refused", message, journal.ERR, code="internal")
@@ -465,6 +520,9 @@ async def issue(signer: Signer, request: Request, ask: Ask) -> tuple[x509.Certif
         peer=request.remote,
         claim=ask.claim,
     )
+    if decision.node is not None and decision.node != record.node:
+        # the node the CSR names, when it is not the caller's: a claim, kept for audit --node
+        record = dataclasses.replace(record, claimed_node=decision.node)
     if not decision.accepted:
         await signer.db.commit(record)
         raise _refused(record, decision.status, decision.code or "bad-request", decision.message)
@@ -518,13 +576,25 @@ async def get_ca(signer: Signer, request: Request) -> Response:
 
 
 async def get_healthz(signer: Signer, request: Request) -> Response:
-    return Response(200, b"ok", content_type="text/plain; charset=utf-8")
+    """Readiness: 200 while this worker's state database answers, else 503 saying why."""
+    problem = await signer.readiness()
+    if problem is None:
+        return Response(200, b"ok", content_type=TEXT)
+    retry = [("Retry-After", str(RETRY_AFTER_UNAVAILABLE))]
+    # Closed, as every 503: a probe that timed out may still get its late result, which
+    # must find no later request's handler on this connection.
+    return Response(503, f"not ready: {problem}".encode(), TEXT, retry, close=True)
+
+
+async def get_livez(signer: Signer, request: Request) -> Response:
+    """Liveness: the worker's loop answers, whatever its database does."""
+    return Response(200, b"ok", content_type=TEXT)
 
 
 async def get_metrics(signer: Signer, request: Request) -> Response:
     outstanding = await signer.db.list_tokens(signer.clock())
     body = metrics.render(len(outstanding), signer.authority)
-    return Response(200, body, content_type="text/plain; charset=utf-8")
+    return Response(200, body, content_type=TEXT)
 
 
 async def post_sign(signer: Signer, request: Request) -> Response:
@@ -576,6 +646,7 @@ async def post_enroll(signer: Signer, request: Request) -> Response:
             time=signer.clock(), endpoint="enroll", node=None, identity=f"token:{ref}",
             reason="", outcome=REFUSED, code="token-invalid",
             message="unknown, expired, spent or mismatched token", peer=request.remote,
+            claimed_node=policy.claimed_node(csr, policy.IDENTITY),
         )  # fmt: skip
         await signer.db.commit(record)
         raise _refused(
@@ -610,5 +681,6 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/identity": {"POST": post_identity},
     "/v1/sign": {"POST": post_sign},
     "/healthz": {"GET": get_healthz, "HEAD": get_healthz},
+    "/livez": {"GET": get_livez, "HEAD": get_livez},
     "/metrics": {"GET": get_metrics, "HEAD": get_metrics},
 }

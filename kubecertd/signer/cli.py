@@ -17,6 +17,7 @@ from .config import SignerConfig, listen_address, read_signer_config
 from .store import AuditRecord, Store, StoreError, TokenInfo, open_store
 
 T = TypeVar("T")
+AUDIT_LIMIT = 1000  # records `audit` shows unless --limit says otherwise
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--claims", action="store_true", help="only records carrying the node's claim (culprits)"
     )
     audit.add_argument("--since", metavar="DURATION", help="only the last DURATION, e.g. 24h")
+    audit.add_argument(
+        "--limit",
+        type=int,
+        default=AUDIT_LIMIT,
+        metavar="N",
+        help=f"at most N records ({AUDIT_LIMIT})",
+    )
+    audit.add_argument(
+        "--offset", type=int, default=0, metavar="N", help="skip the N newest (the next page)"
+    )
     audit.add_argument("--json", action="store_true")
     return parser
 
@@ -245,9 +256,25 @@ def cmd_audit(args: argparse.Namespace) -> int:
             since = _now() - dt.timedelta(seconds=positive_duration(args.since))
         except ValueError as exc:
             raise UsageError(f"--since: {exc}") from exc
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    if args.offset < 0:
+        raise UsageError("--offset must not be negative")
+    # One more than asked for says whether older records exist.
     records = _with_store(
-        _config(args), lambda store: store.audit(args.node, since=since, claims_only=args.claims)
+        _config(args),
+        lambda store: store.audit(
+            args.node, args.limit + 1, since=since, claims_only=args.claims, offset=args.offset
+        ),
     )
+    if len(records) > args.limit:
+        records = records[1:]  # oldest first: the extra one is the oldest
+        print(
+            f"kubecertd-signer: note: showing the newest {args.limit} matching records"
+            f"{f' after the newest {args.offset}' if args.offset else ''}; older ones exist"
+            f" (--limit N shows more, --offset {args.offset + args.limit} the next page)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps([_record_json(r) for r in records], indent=2))
         return 0
@@ -263,7 +290,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         ]
         for r in records
     ]
-    notes = [_claim_lines(r) for r in records]
+    notes = [_claimed_node_lines(r) + _claim_lines(r) for r in records]
     _table(["TIME", "ENDPOINT", "NODE", "IDENTITY", "OUTCOME", "SERIAL", "REASON"], rows, notes)
     return 0
 
@@ -278,6 +305,13 @@ def _claim_lines(record: AuditRecord) -> list[str]:
         return []
     who = f"  {record.node or 'the node'} claims: "
     return [who + _printable(line) for line in record.claim.split("\n")]
+
+
+def _claimed_node_lines(record: AuditRecord) -> list[str]:
+    """The node the request's CSR named, when that is not the record's node: its word."""
+    if record.claimed_node is None:
+        return []
+    return [f"  the request claims node {_printable(record.claimed_node)} (unverified)"]
 
 
 def _printable(text: str) -> str:
@@ -303,6 +337,7 @@ def _record_json(record: AuditRecord) -> dict[str, Any]:
         "not_after": when(record.not_after),
         "peer": record.peer,
         "claim": record.claim,
+        "claimed_node": record.claimed_node,
     }
 
 

@@ -38,7 +38,8 @@ class Policy(NamedTuple):
 
 
 class Limits(NamedTuple):
-    """What one worker process spends on connections (``kubecertd.signer.listener``).
+    """What one worker process spends on connections (``kubecertd.signer.listener``)
+    and how long a request may wait for the state database.
 
     Each worker enforces these on its own, like its file limit: the whole signer holds
     up to ``workers`` times as many.  A worker also never holds more connections than
@@ -49,6 +50,9 @@ class Limits(NamedTuple):
     max_connections_per_address: PositiveCount = 32
     handshake_timeout: PositiveDuration = 10.0
     header_timeout: PositiveDuration = 10.0
+    # How long a request waits for the state database (each commit, each read) before
+    # the answer is 503 unavailable; a commit given up on is never recorded as issued.
+    database_timeout: PositiveDuration = 5.0
 
 
 def _pair(name: str) -> Pair:

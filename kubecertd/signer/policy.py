@@ -201,6 +201,15 @@ def decide(csr_pem: bytes, identity: Identity | None, kind: str) -> Decision:
     )
 
 
+def claimed_node(csr_pem: bytes, kind: str) -> str | None:
+    """The node a CSR's subject names, if it names a valid one: what the request claims,
+    for the audit of a refusal, with nothing checked (not even the signature)."""
+    parsed = _parse_csr(csr_pem)
+    if isinstance(parsed, Decision):
+        return None
+    return _kubelet_node(parsed.subject) if kind == KUBELET else _identity_node(parsed.subject)
+
+
 def _parse_csr(csr_pem: bytes) -> x509.CertificateSigningRequest | Decision:
     # Exactly one PEM block, and it is a CSR: a second block (a certificate, another
     # CSR) is a request to guess which one counts.

@@ -16,7 +16,10 @@ A worker process runs two threads.  The loop thread owns every connection:
 
 The database thread runs the store.  Every audit record waiting when it wakes is
 written in one transaction (``Store.commit_many``): one fsync for a group of
-issuances, and no handler resumes before its record is durable.
+issuances, and no handler resumes before its record is durable.  A handler waits for
+the store at most ``[limits] database_timeout`` (a commit 1 s more) and then answers 503
+``unavailable``; a commit that comes back later was refused by the database itself
+(its ``answer_by``), so nothing is recorded as issued to nobody.
 
 Deadlines, one per connection at a time: the handshake (from accept), the first
 request's head (from the handshake), a later request's head (keep-alive idle), the
@@ -47,9 +50,9 @@ from OpenSSL import SSL
 
 from ..edges import journal
 from . import listener, metrics
-from .app import BODY_TIMEOUT, MAX_BODY, Refusal, Request, Response, Signer, Wait, _one_line
+from .app import BODY_TIMEOUT, MAX_BODY, Refusal, Request, Response, Signer, Wait, _one_line, utcnow
 from .config import Limits
-from .store import Commit, Store
+from .store import Commit, Store, StoreError
 
 KEEPALIVE_TIMEOUT = 15.0  # seconds between an answer and the next request's head
 WRITE_TIMEOUT = 10.0  # seconds for a client to take an answer it stopped reading
@@ -152,7 +155,9 @@ class Database:
         with self.ready:
             self.stopping = True
             self.ready.notify()
-        self.thread.join()
+        # A call stuck on a frozen database must not hold the worker's exit; every
+        # request waiting for it was answered 503 at its deadline.
+        self.thread.join(STOP_GRACE)
 
     def submit(self, conn: Connection, wait: Wait) -> None:
         with self.ready:
@@ -192,6 +197,16 @@ class Database:
                     self.done.append((conn, None, exc))
         if not commits:
             return
+        # A commit queued past its answer_by was answered 503 and could not commit
+        # anyway (store.Commit): do not spend a transaction, or its batch, on it.
+        now = utcnow()
+        late = [(c, w) for c, w in commits if w.payload.answer_by and w.payload.answer_by < now]
+        if late:
+            gone = StoreError("the state database did not answer in time")
+            self.done.extend((conn, None, gone) for conn, _wait in late)
+            commits = [item for item in commits if item not in late]
+            if not commits:
+                return
         items: list[Commit] = [wait.payload for _conn, wait in commits]
         try:
             verdicts = self.store.commit_many(items)
@@ -225,6 +240,7 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.db = Database(store, self._wake)
+        signer.db.timeout = limits.database_timeout
         self.connections: set[Connection] = set()
         self.by_address: collections.Counter[str] = collections.Counter()
         self.timers: list[tuple[float, int, Connection]] = []
@@ -287,6 +303,8 @@ class Server:
                 pass
         while self.db.done:
             conn, value, error = self.db.done.popleft()
+            if conn.timer == "database":
+                conn.timer = ""
             if conn.coro is not None and conn in self.connections:
                 self._guarded(conn, self._step, conn, value, error)
 
@@ -384,6 +402,14 @@ class Server:
             if what in ("handshake", "header", "write"):
                 metrics.CONNECTIONS_TIMED_OUT.labels(what).inc()
                 self._close(conn, reset=True)
+            elif what == "database":
+                # No answer in time: 503 (app.Signer.handle), and the connection closes,
+                # so the late result finds no handler (Server._drain_wake).
+                late = StoreError(
+                    "the state database did not answer in time ([limits] database_timeout)"
+                )
+                if conn.coro is not None:
+                    self._guarded(conn, self._step, conn, None, late)
             elif what == "body" and not conn.body_done:
                 conn.body_error = Refusal(
                     408,
@@ -582,6 +608,8 @@ class Server:
             self._body_settled(conn)
         else:
             self.db.submit(conn, wait)
+            if wait.timeout is not None:
+                self._set_timer(conn, "database", wait.timeout)
 
     def _body_settled(self, conn: Connection) -> None:
         """Gives the body to a handler waiting for it, once it is whole or refused; or,

@@ -56,6 +56,9 @@ class AuditRecord:
     # The node's own account of what happened to its files (``culprits`` on /v1/sign):
     # untrusted text, kept verbatim for operators and never used for a decision.
     claim: str | None = None
+    # The node a request's CSR names when that is not ``node`` (a refused enrollment,
+    # a request for another node): the request's word, never verified.
+    claimed_node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class Commit:
     record: AuditRecord
     spend_token: str | None = None
     rate_limit: int | None = None
+    # When the signer stops waiting for this commit and answers 503: a transaction
+    # holding the item must not commit after it (see the PostgreSQL store).
+    answer_by: dt.datetime | None = None
 
 
 class Store(Protocol):
@@ -97,7 +103,8 @@ class Store(Protocol):
         changes nothing else.  Each item sees the earlier ones (a token spent by one is
         refused to the next; earlier issuances count toward the limit), so the verdicts
         are those of committing the items one by one.  Returns once the transaction is
-        durable; StoreError means none of it was written.
+        durable; StoreError means none of it was written.  The transaction does not
+        commit after the earliest ``answer_by`` of its items (StoreError instead).
         """
         ...
 
@@ -129,6 +136,10 @@ class Store(Protocol):
 
     def is_node_revoked(self, node: str) -> bool: ...
 
+    def ping(self) -> None:
+        """Reach the database once (the readiness probe); StoreError if it cannot."""
+        ...
+
     def audit(
         self,
         node: str | None = None,
@@ -136,8 +147,10 @@ class Store(Protocol):
         *,
         since: dt.datetime | None = None,
         claims_only: bool = False,
+        offset: int = 0,
     ) -> list[AuditRecord]:
-        """The newest ``limit`` records, oldest first: of ``node``, at or after ``since``,
+        """The newest ``limit`` records after skipping the ``offset`` newest, oldest
+        first: of ``node`` (or claiming it, ``claimed_node``), at or after ``since``,
         carrying a claim when ``claims_only``."""
         ...
 

@@ -16,8 +16,26 @@ store never lowers; one commit a batch is what group commit saves.
 
 One connection per store, used by one thread at a time (a ``threading.Lock``; the
 signer calls it from each worker's database thread): the signer's commits are short
-and psycopg_pool is not a dependency.  A broken connection fails its call (the signer
-answers 503) and is replaced on the next call.
+and psycopg_pool is not a dependency.  A connection that died while idle (a server
+restart, a fail-over, pg_terminate_backend) is noticed by the call that uses it next:
+that call runs once more on a fresh connection when its transaction never reached
+COMMIT, so nothing can have been written twice; a connection lost during COMMIT leaves
+the outcome unknown, and the call fails (the signer answers 503).
+
+Never "issued" to nobody.  The signer waits for a commit until ``answer_by`` plus a
+margin (``app.ANSWER_MARGIN``) and then answers 503.  Each audit row carries its
+``answer_by``, and a DEFERRABLE INITIALLY DEFERRED constraint trigger, run inside
+COMMIT after every statement of the transaction, refuses the COMMIT once
+``clock_timestamp()`` is past it (https://www.postgresql.org/docs/current/sql-createtrigger.html).
+So a transaction that commits passed that check at or before ``answer_by``; what is
+left of COMMIT (the WAL flush) and the way back to the signer must then take longer
+than the margin, minus the clock difference of the two hosts, for the signer to have
+given up on a commit that happened.  A frozen server (SIGSTOP, a stalled disk) that
+resumes later finds every such transaction past its ``answer_by`` and rolls it back.
+``statement_timeout`` and ``lock_timeout`` (per connection, not per transaction: a
+SET there costs a round trip a batch, a third of a commit on loopback) bound how long
+the server works on a doomed transaction; TCP keepalives and ``tcp_user_timeout`` make
+a vanished host a failed call instead of a hang.
 """
 
 from __future__ import annotations
@@ -25,8 +43,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -37,11 +55,13 @@ from .sqlite import (
     TOKEN_INVALID,
     WINDOW,
     audit_query,
+    earliest_answer_by,
     node_revoked,
     rate_limited,
     record_from_row,
     refused,
     token_from_row,
+    too_late,
     utc,
     verdict_of,
 )
@@ -51,8 +71,20 @@ from .sqlite import (
 _SCHEMA_LOCK = 0x6B63_6572_7464_0001  # "kcertd" + 1
 _NODE_LOCK_CLASS = 0x6B63_6572  # "kcer"
 
-CONNECT_TIMEOUT = 5  # seconds, unless database_url says otherwise
-STATEMENT_TIMEOUT = "10s"  # a hung database fails the request (503) rather than hangs it
+# libpq settings the store adds to database_url when it does not set them
+# (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS).
+CONNECTION_DEFAULTS = {
+    "connect_timeout": "5",  # seconds
+    "application_name": "kubecertd-signer",  # names the signer in pg_stat_activity
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "3",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",  # ms: unacknowledged data to a vanished host fails the call
+}
+STATEMENT_TIMEOUT = "10s"  # a statement, or a wait for a lock, the server gives up after
+# A signer frozen mid-transaction must not hold its node locks over the other replicas.
+IDLE_IN_TRANSACTION_TIMEOUT = "10s"
 
 # The first release's tables and the version table; _MIGRATIONS bring them to this
 # release's schema.
@@ -98,14 +130,52 @@ _SCHEMA = (
 # only adds, so replicas of the previous release keep working on a migrated database
 # (their INSERTs name their columns) while the others are upgraded.
 _MIGRATIONS = (
-    "ALTER TABLE audit ADD COLUMN claim text",  # 1: the node's claim (culprits on /v1/sign)
+    ("ALTER TABLE audit ADD COLUMN claim text",),  # 1: the node's claim (culprits on /v1/sign)
+    (  # 2: the node a request's CSR names; each row's answer_by, checked at COMMIT
+        "ALTER TABLE audit ADD COLUMN claimed_node text",
+        "CREATE INDEX IF NOT EXISTS audit_claimed_node ON audit (claimed_node)"
+        " WHERE claimed_node IS NOT NULL",
+        "ALTER TABLE audit ADD COLUMN answer_by timestamptz",
+        """CREATE OR REPLACE FUNCTION kubecertd_answer_in_time() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF clock_timestamp() > NEW.answer_by THEN
+                RAISE EXCEPTION 'too late to commit: the signer stopped waiting at %',
+                    NEW.answer_by;
+            END IF;
+            RETURN NULL;
+        END $$""",
+        # Rows of the previous release's replicas have no answer_by and pass.
+        "CREATE CONSTRAINT TRIGGER audit_answer_in_time AFTER INSERT ON audit"
+        " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.answer_by IS NOT NULL)"
+        " EXECUTE FUNCTION kubecertd_answer_in_time()",
+    ),
 )
 _OUTSTANDING = (
     "SELECT id, node, created, expires, secret_hash FROM tokens"
     " WHERE spent IS NULL AND NOT revoked AND expires > %s"
 )
 
+_INSERT = (
+    f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}, answer_by)"  # noqa: S608 - fixed names
+    f" VALUES ({', '.join(['%s'] * (len(AUDIT_COLUMNS) + 1))})"
+)
+
 Connection = psycopg.Connection[tuple[Any, ...]]
+T = TypeVar("T")
+
+
+class _Attempt:
+    """One try of a call: ``committing`` once its COMMIT may have reached the server."""
+
+    committing = False
+
+
+def _password(url: str) -> str:
+    try:
+        return str(conninfo_to_dict(url).get("password") or "")
+    except psycopg.Error:
+        return ""
 
 
 def describe(url: str) -> str:
@@ -124,8 +194,9 @@ def _migrate(conn: Connection) -> None:
     cursor = conn.execute("SELECT coalesce(max(version), 0) FROM kubecertd_schema")
     row = cursor.fetchone()
     version = int(row[0]) if row else 0
-    for number, statement in enumerate(_MIGRATIONS[version:], start=version + 1):
-        conn.execute(statement)
+    for number, statements in enumerate(_MIGRATIONS[version:], start=version + 1):
+        for statement in statements:
+            conn.execute(statement)
         conn.execute("INSERT INTO kubecertd_schema (version) VALUES (%s)", (number,))
 
 
@@ -139,8 +210,7 @@ class PostgresStore:
         self._schema_ready = False
 
     def open(self) -> None:
-        with self._session("connect"):
-            pass
+        self._call("connect", lambda _conn, _attempt: None)
 
     def close(self) -> None:
         with self._lock:
@@ -151,17 +221,32 @@ class PostgresStore:
 
     # --- plumbing ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _session(self, what: str) -> Iterator[Connection]:
-        """The connection, for this thread alone; psycopg errors become StoreError."""
+    def _call(self, what: str, work: Callable[[Connection, _Attempt], T]) -> T:
+        """``work(connection, attempt)`` for this thread alone; psycopg errors become
+        StoreError.  Run once more on a fresh connection when the connection broke
+        before ``work`` set ``attempt.committing`` (see the module docstring)."""
         with self._lock:
-            try:
-                yield self._connection()
-            except psycopg.Error as exc:
-                detail = " ".join(str(exc).split())  # libpq's messages span lines
-                raise StoreError(
-                    f"PostgreSQL state database {describe(self.url)}: cannot {what}: {detail}"
-                ) from exc
+            for retry in (False, True):
+                attempt = _Attempt()
+                conn = None
+                try:
+                    conn = self._connection()
+                    return work(conn, attempt)
+                except psycopg.Error as exc:
+                    lost = conn is not None and conn.closed  # closed includes broken
+                    if lost and not attempt.committing and not retry:
+                        continue
+                    raise self._error(what, exc) from exc
+            raise AssertionError("unreachable")  # the second attempt returns or raises
+
+    def _error(self, what: str, exc: BaseException) -> StoreError:
+        detail = " ".join(str(exc).split())  # libpq's messages span lines
+        password = _password(self.url)
+        if password:
+            detail = detail.replace(password, "***")
+        return StoreError(
+            f"PostgreSQL state database {describe(self.url)}: cannot {what}: {detail}"
+        )
 
     def _connection(self) -> Connection:
         if self._conn is not None and not self._conn.closed:  # closed includes broken
@@ -175,13 +260,15 @@ class PostgresStore:
             raise StoreError(
                 "PostgreSQL state database: database_url is not a valid connection URL"
             ) from None
-        conninfo = self.url
-        if "connect_timeout" not in params:
-            conninfo = make_conninfo(conninfo, connect_timeout=CONNECT_TIMEOUT)
-        conn = psycopg.connect(conninfo, autocommit=True)
+        missing = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in params}
+        conn = psycopg.connect(make_conninfo(self.url, **missing), autocommit=True)
         try:
             conn.execute("SET TIME ZONE 'UTC'")
             conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
+            conn.execute(f"SET lock_timeout = '{STATEMENT_TIMEOUT}'")
+            conn.execute(
+                f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'"
+            )
             if not self._schema_ready:
                 with conn.transaction():
                     # Replicas starting together would race CREATE ... IF NOT EXISTS
@@ -215,18 +302,30 @@ class PostgresStore:
         nodes = [
             i.record.node for i in items if i.record.outcome == ISSUED and i.record.node is not None
         ]
-        with self._session(what) as conn, conn.transaction():
-            if nodes:
-                # In ascending key order (see the docstring): output expressions not named
-                # in ORDER BY are evaluated after the sort
-                # (https://www.postgresql.org/docs/current/sql-select.html#SQL-SELECT-LIST).
-                conn.execute(
-                    "SELECT pg_advisory_xact_lock(%s, key) FROM"
-                    " (SELECT DISTINCT hashtext(node) AS key FROM unnest(%s::text[]) AS node)"
-                    " AS keys ORDER BY key",
-                    (_NODE_LOCK_CLASS, nodes),
-                )
-            return [self._apply(conn, item) for item in items]
+        answer_by = earliest_answer_by(items)
+
+        def work(conn: Connection, attempt: _Attempt) -> list[Verdict]:
+            with conn.transaction():
+                late = too_late(answer_by)
+                if late is not None:  # queued past it: not worth a round trip
+                    raise StoreError(
+                        f"PostgreSQL state database {describe(self.url)}: cannot {what}: {late}"
+                    )
+                if nodes:
+                    # In ascending key order (see the docstring): output expressions not
+                    # named in ORDER BY are evaluated after the sort
+                    # (https://www.postgresql.org/docs/current/sql-select.html#SQL-SELECT-LIST).
+                    conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s, key) FROM"
+                        " (SELECT DISTINCT hashtext(node) AS key FROM unnest(%s::text[]) AS node)"
+                        " AS keys ORDER BY key",
+                        (_NODE_LOCK_CLASS, nodes),
+                    )
+                verdicts = [self._apply(conn, item) for item in items]
+                attempt.committing = True  # leaving the block sends COMMIT
+            return verdicts
+
+        return self._call(what, work)
 
     @classmethod
     def _apply(cls, conn: Connection, item: Commit) -> Verdict:
@@ -241,7 +340,7 @@ class PostgresStore:
                 conn.execute("ROLLBACK TO SAVEPOINT checks")
                 record = refused(record, verdict)
             conn.execute("RELEASE SAVEPOINT checks")
-        cls._insert(conn, record)
+        cls._insert(conn, record, item.answer_by)
         return verdict
 
     @staticmethod
@@ -278,64 +377,75 @@ class PostgresStore:
         return Verdict()
 
     @staticmethod
-    def _insert(conn: Connection, record: AuditRecord) -> None:
+    def _insert(conn: Connection, record: AuditRecord, answer_by: dt.datetime | None) -> None:
         values = dict(vars(record))  # shallow: asdict() deep-copies, 0.1 ms an issuance
         for name in ("time", "not_before", "not_after"):
             if values[name] is not None:
                 values[name] = utc(values[name])
-        conn.execute(
-            f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)})"  # noqa: S608 - fixed names
-            f" VALUES ({', '.join(['%s'] * len(AUDIT_COLUMNS))})",
-            [values[name] for name in AUDIT_COLUMNS],
-        )
+        conn.execute(_INSERT, [*(values[name] for name in AUDIT_COLUMNS), answer_by])
+
+    def _rows(self, what: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """A read: safe to run again on a fresh connection."""
+        return self._call(what, lambda conn, _attempt: conn.execute(sql, params).fetchall())
+
+    def _change(self, what: str, sql: str, params: Sequence[Any]) -> int:
+        """One autocommit write; its row count.  Never run twice: a connection lost during
+        it leaves unknown whether it committed."""
+
+        def work(conn: Connection, attempt: _Attempt) -> int:
+            attempt.committing = True
+            return conn.execute(sql, params).rowcount
+
+        return self._call(what, work)
 
     # --- tokens -----------------------------------------------------------------------
 
     def create_token(self, token: TokenInfo) -> None:
-        with self._session(f"create token {token.id}") as conn:
-            conn.execute(
-                "INSERT INTO tokens (id, secret_hash, node, created, expires)"
-                " VALUES (%s, %s, %s, %s, %s)",
-                (token.id, token.secret_hash, token.node, utc(token.created), utc(token.expires)),
-            )
+        self._change(
+            f"create token {token.id}",
+            "INSERT INTO tokens (id, secret_hash, node, created, expires)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (token.id, token.secret_hash, token.node, utc(token.created), utc(token.expires)),
+        )
 
     def find_token(self, token_id: str, now: dt.datetime) -> TokenInfo | None:
-        with self._session("read tokens") as conn:
-            cursor = conn.execute(_OUTSTANDING + " AND id = %s", (utc(now), token_id))
-            row = cursor.fetchone()
-        return token_from_row(row, utc) if row else None
+        rows = self._rows("read tokens", _OUTSTANDING + " AND id = %s", (utc(now), token_id))
+        return token_from_row(rows[0], utc) if rows else None
 
     def list_tokens(self, now: dt.datetime) -> list[TokenInfo]:
-        with self._session("read tokens") as conn:
-            cursor = conn.execute(_OUTSTANDING + " ORDER BY created, id", (utc(now),))
-            rows = cursor.fetchall()
+        rows = self._rows("read tokens", _OUTSTANDING + " ORDER BY created, id", (utc(now),))
         return [token_from_row(row, utc) for row in rows]
 
     def revoke_token(self, token_id: str) -> bool:
-        with self._session(f"revoke token {token_id}") as conn:
-            cursor = conn.execute(
-                "UPDATE tokens SET revoked = true WHERE id = %s AND spent IS NULL AND NOT revoked",
-                (token_id,),
-            )
-            return cursor.rowcount == 1
+        changed = self._change(
+            f"revoke token {token_id}",
+            "UPDATE tokens SET revoked = true WHERE id = %s AND spent IS NULL AND NOT revoked",
+            (token_id,),
+        )
+        return changed == 1
 
     # --- nodes and audit ----------------------------------------------------------------
 
     def set_node_revoked(self, node: str, revoked: bool, now: dt.datetime) -> None:
-        with self._session(f"{'revoke' if revoked else 'allow'} node {node}") as conn:
-            if revoked:  # revoking again keeps the original date
-                conn.execute(
-                    "INSERT INTO revoked_nodes (node, since) VALUES (%s, %s)"
-                    " ON CONFLICT (node) DO NOTHING",
-                    (node, utc(now)),
-                )
-            else:
-                conn.execute("DELETE FROM revoked_nodes WHERE node = %s", (node,))
+        what = f"{'revoke' if revoked else 'allow'} node {node}"
+        if revoked:  # revoking again keeps the original date
+            self._change(
+                what,
+                "INSERT INTO revoked_nodes (node, since) VALUES (%s, %s)"
+                " ON CONFLICT (node) DO NOTHING",
+                (node, utc(now)),
+            )
+        else:
+            self._change(what, "DELETE FROM revoked_nodes WHERE node = %s", (node,))
 
     def is_node_revoked(self, node: str) -> bool:
-        with self._session("read revocations") as conn:
-            cursor = conn.execute("SELECT 1 FROM revoked_nodes WHERE node = %s", (node,))
-            return cursor.fetchone() is not None
+        rows = self._rows(
+            "read revocations", "SELECT 1 FROM revoked_nodes WHERE node = %s", (node,)
+        )
+        return bool(rows)
+
+    def ping(self) -> None:
+        self._rows("reach it", "SELECT 1 FROM kubecertd_schema LIMIT 1", ())  # and its tables
 
     def audit(
         self,
@@ -344,10 +454,9 @@ class PostgresStore:
         *,
         since: dt.datetime | None = None,
         claims_only: bool = False,
+        offset: int = 0,
     ) -> list[AuditRecord]:
         when = utc(since) if since is not None else None
-        sql, params = audit_query("%s", node, limit, when, claims_only)
-        with self._session("read the audit") as conn:
-            cursor = conn.execute(sql, params)
-            rows = cursor.fetchall()
+        sql, params = audit_query("%s", node, limit, when, claims_only, offset)
+        rows = self._rows("read the audit", sql, params)
         return [record_from_row(row, utc) for row in reversed(rows)]

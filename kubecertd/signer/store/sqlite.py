@@ -57,6 +57,7 @@ AUDIT_COLUMNS = (
     "not_after",
     "peer",
     "claim",
+    "claimed_node",
 )
 
 # The first release's schema; _MIGRATIONS bring it to this release's.
@@ -98,7 +99,13 @@ _SCHEMA = (
 # Each only adds, so a signer of the previous release keeps working on a migrated file
 # (its INSERTs name their columns): replicas and workers can be upgraded one by one.
 _MIGRATIONS = (
-    "ALTER TABLE audit ADD COLUMN claim TEXT",  # 1: the node's claim (culprits on /v1/sign)
+    ("ALTER TABLE audit ADD COLUMN claim TEXT",),  # 1: the node's claim (culprits on /v1/sign)
+    (  # 2: the node a request's CSR names, for `audit --node` (the answer_by guard is
+        # PostgreSQL's alone: here the signer's own thread commits, see commit_many)
+        "ALTER TABLE audit ADD COLUMN claimed_node TEXT",
+        "CREATE INDEX IF NOT EXISTS audit_claimed_node ON audit (claimed_node)"
+        " WHERE claimed_node IS NOT NULL",
+    ),
 )
 _OUTSTANDING = (
     "SELECT id, node, created, expires, secret_hash FROM tokens"
@@ -198,14 +205,15 @@ def audit_query(
     limit: int,
     since: object | None,
     claims_only: bool,
+    offset: int = 0,
 ) -> tuple[str, list[Any]]:
     """The SELECT of ``Store.audit`` with its parameters, ``mark`` being the placeholder
     (``?`` or ``%s``) and ``since`` already in the store's time form."""
     conditions: list[str] = []
     params: list[Any] = []
     if node is not None:
-        conditions.append(f"node = {mark}")
-        params.append(node)
+        conditions.append(f"(node = {mark} OR claimed_node = {mark})")
+        params += [node, node]
     if since is not None:
         conditions.append(f"time >= {mark}")
         params.append(since)
@@ -214,16 +222,29 @@ def audit_query(
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
     sql = (
         f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit{where}"  # noqa: S608 - fixed names
-        f" ORDER BY time DESC, id DESC LIMIT {mark}"
+        f" ORDER BY time DESC, id DESC LIMIT {mark} OFFSET {mark}"
     )
-    return sql, [*params, max(limit, 0)]
+    return sql, [*params, max(limit, 0), max(offset, 0)]
+
+
+def too_late(answer_by: dt.datetime | None) -> str | None:
+    """Why a transaction must not commit now: its ``answer_by`` has passed, else None."""
+    if answer_by is None or dt.datetime.now(UTC) <= answer_by:
+        return None
+    return f"too late to commit: the signer stopped waiting at {_text(answer_by)}"
+
+
+def earliest_answer_by(items: Sequence[Commit]) -> dt.datetime | None:
+    deadlines = [item.answer_by for item in items if item.answer_by is not None]
+    return min(deadlines) if deadlines else None
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Apply the migrations this file lacks; inside the caller's write transaction."""
     (version,) = conn.execute("PRAGMA user_version").fetchone()
-    for statement in _MIGRATIONS[version:]:
-        conn.execute(statement)
+    for statements in _MIGRATIONS[version:]:
+        for statement in statements:
+            conn.execute(statement)
     if version < len(_MIGRATIONS):
         conn.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
 
@@ -359,8 +380,15 @@ class SqliteStore:
         if not items:
             return []
         what = "record the decision" if len(items) == 1 else f"record {len(items)} decisions"
+        answer_by = earliest_answer_by(items)
         with self._write(what) as conn:
-            return [self._apply(conn, item) for item in items]
+            verdicts = [self._apply(conn, item) for item in items]
+            # The loop answers 503 at answer_by plus a margin (app.ANSWER_MARGIN), which
+            # this COMMIT's fsync must fit in; PostgreSQL checks inside its COMMIT.
+            late = too_late(answer_by)
+            if late is not None:
+                raise StoreError(f"SQLite state database {self.path}: cannot {what}: {late}")
+            return verdicts
 
     @classmethod
     def _apply(cls, conn: sqlite3.Connection, item: Commit) -> Verdict:
@@ -469,6 +497,10 @@ class SqliteStore:
     def is_node_revoked(self, node: str) -> bool:
         return bool(self._read("read revocations", _REVOKED, (node,)))
 
+    def ping(self) -> None:
+        self._check_file()
+        self._read("reach it", "SELECT 1", ())
+
     def audit(
         self,
         node: str | None = None,
@@ -476,7 +508,8 @@ class SqliteStore:
         *,
         since: dt.datetime | None = None,
         claims_only: bool = False,
+        offset: int = 0,
     ) -> list[AuditRecord]:
-        sql, params = audit_query("?", node, limit, _opt_text(since), claims_only)
+        sql, params = audit_query("?", node, limit, _opt_text(since), claims_only, offset)
         rows = self._read("read the audit", sql, params)
         return [record_from_row(row, _time) for row in reversed(rows)]
