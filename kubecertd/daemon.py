@@ -41,7 +41,7 @@ from .errors import (
     VerificationError,
 )
 from .evidence import observe
-from .heal import Healer, healing_reason, identity_due, obtain_identity, utcnow
+from .heal import Healer, healing_reason, identity_due, obtain_identity, renewal_for, utcnow
 from .layout import Layout, describe_layout
 from .material import Material, read_layout
 
@@ -347,7 +347,7 @@ class Daemon:
         else:
             journal.send(
                 "renew-failed",
-                f"renewal for {reason} failed: {exc}; retrying in {delay:.0f}s",
+                f"{renewal_for(reason)} failed: {exc}; retrying in {delay:.0f}s",
                 journal.ERR, node=node, finding=reason, retry_in=f"{delay:.0f}s",
             )  # fmt: skip
             notify(f"STATUS=renewal failed ({reason}), retrying in {delay:.0f}s")

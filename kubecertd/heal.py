@@ -67,6 +67,11 @@ def healing_reason(
     return None
 
 
+def renewal_for(reason: str) -> str:
+    """A heal named in a message: "renewal" (routine) or "renewal for CODE"."""
+    return "renewal" if reason == "renewal" else f"renewal for {reason}"
+
+
 class Outcome(NamedTuple):
     """What one healing did."""
 

@@ -34,7 +34,7 @@ from .errors import (
     SignerRefused,
     SignerUnreachable,
 )
-from .heal import Healer, Outcome, healing_reason, obtain_identity, utcnow
+from .heal import Healer, Outcome, healing_reason, obtain_identity, renewal_for, utcnow
 from .layout import Layout
 
 T = TypeVar("T")
@@ -173,7 +173,7 @@ def _heal_once(config: Config, daemon: Daemon, units: UnitManager | None) -> Fix
         event = "signer-error" if isinstance(exc, SignerError) else "renew-failed"
         journal.send(
             event,
-            f"--fix: renewal for {reason} failed after {retries.tries} tries: {exc}; files left as they were",
+            f"--fix: {renewal_for(reason)} failed after {retries.tries} tries: {exc}; files left as they were",
             journal.ERR, node=config.node_name, finding=reason, code=exc.code,
         )  # fmt: skip
         return FixReport(reason, retries.tries, error=exc)

@@ -70,7 +70,7 @@ key = "{SIGNER_DIR}/identity-ca-key.pem"
 cert = "{SIGNER_DIR}/signer.pem"
 key = "{SIGNER_DIR}/signer-key.pem"
 [policy]
-max_issuances_per_node_per_hour = 1000
+max_issuances_per_node_per_hour = {{max_issuances}}
 """
 
 LYING_SIGNER_UNIT = """\
@@ -78,6 +78,19 @@ LYING_SIGNER_UNIT = """\
 Description=a signer that lies (tools/node/lying-signer), instance = the lie
 [Service]
 ExecStart=@VENV@/bin/python @TOOLS@/lying-signer --lie %i
+"""
+
+
+# tools/node/fault-proxy between the agent and the signer: a node whose [signer] url is
+# FAULT_PROXY_URL reaches the signer through it; FAULT_PROXY_MODE says how it misbehaves.
+FAULT_PROXY = "fault-proxy.service"
+FAULT_PROXY_URL = "https://127.0.0.1:9443"
+FAULT_PROXY_MODE = "/run/fault-proxy/mode"
+FAULT_PROXY_UNIT = f"""\
+[Unit]
+Description=a TCP proxy before the signer that misbehaves on demand (tools/node/fault-proxy)
+[Service]
+ExecStart=@VENV@/bin/python @TOOLS@/fault-proxy --listen 127.0.0.1:9443 --upstream 127.0.0.1:8443 --mode-file {FAULT_PROXY_MODE} --max-seconds 30
 """
 
 
@@ -90,6 +103,7 @@ def shipped_units(directory: Path) -> Path:
             text = text.replace("serve --config", "serve --workers 1 --config")
         (directory / name).write_text(text)
     (directory / "lying-signer@.service").write_text(LYING_SIGNER_UNIT)
+    (directory / FAULT_PROXY).write_text(FAULT_PROXY_UNIT)
     return directory
 
 
@@ -476,12 +490,14 @@ class HealingNode:
         max_restarts: int = 20,
         start_agent: bool = True,
         shape: Shape | None = None,
+        max_issuances: int = 1000,
     ) -> HealingNode:
+        """``max_issuances``: the signer's ``max_issuances_per_node_per_hour``."""
         shape = shape or Shape()
         cluster = Cluster.new()
         scratch = Path(tempfile.mkdtemp(prefix="kubecertd-e2e-"))
         atexit.register(shutil.rmtree, scratch, True)  # it holds the test cluster's CA keys
-        signer_dir = _init_signer(scratch, cluster)
+        signer_dir = _init_signer(scratch, cluster, max_issuances)
         node = node_factory(
             extra_units=[shipped_units(scratch / "units"), *shape.units()],
             without=shape.without,
@@ -629,7 +645,7 @@ def toml_value(value: str | bool) -> str:
     return json.dumps(value)  # a JSON string of plain text is a TOML basic string
 
 
-def _init_signer(scratch: Path, cluster: Cluster) -> Path:
+def _init_signer(scratch: Path, cluster: Cluster, max_issuances: int = 1000) -> Path:
     """``kubecertd-signer init`` adopting the node's cluster CA, as an operator would."""
     (scratch / "ca.pem").write_bytes(cluster.ca.pem)
     (scratch / "ca-key.pem").write_bytes(cluster.ca.key_pem)
@@ -644,7 +660,7 @@ def _init_signer(scratch: Path, cluster: Cluster) -> Path:
         check=True, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     # The node sees this folder as /etc/kubecertd/signer: its config names those paths.
-    (signer_dir / "signer.toml").write_text(SIGNER_CONFIG)
+    (signer_dir / "signer.toml").write_text(SIGNER_CONFIG.format(max_issuances=max_issuances))
     return signer_dir
 
 

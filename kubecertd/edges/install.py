@@ -138,6 +138,9 @@ def write_file(path: str, data: bytes, mode: int, durable: bool = True) -> None:
             view = view[os.write(fd, view) :]
         if durable:
             os.fsync(fd)
+    except OSError as exc:  # os.write and os.fsync name no file: ENOSPC would say no path
+        exc.filename = exc.filename or path
+        raise
     finally:
         os.close(fd)
 
