@@ -81,6 +81,8 @@ from kubecertd.signer.store import ISSUED, open_store
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+from signer_load import proc_cpu, tree_pids  # noqa: E402 - bench/: the same /proc readings
+
 import pg  # noqa: E402 - tests/ helpers: the throwaway PostgreSQL and the signer processes
 import signer_harness  # noqa: E402
 
@@ -101,25 +103,7 @@ def tree_cpu(root: int) -> float:
     PostgreSQL backends that exited are in the postmaster's cutime, and no process is
     counted twice.
     """
-    parents: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stream:
-                stat = stream.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents.setdefault(int(fields[1]), []).append(int(entry))
-        times[int(entry)] = sum(int(v) for v in fields[11:15]) / CLK_TCK
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += times.get(pid, 0.0)
-        todo.extend(parents.get(pid, []))
-    return total
+    return sum(proc_cpu(pid, reaped=True) for pid in tree_pids(root))
 
 
 def machine_busy() -> float:

@@ -118,15 +118,18 @@ def tree_pids(root: int) -> list[int]:
     return found
 
 
-def proc_cpu(pid: int) -> float:
-    """utime + stime of one process (all its threads), in seconds; 0 if it is gone."""
+def proc_cpu(pid: int, reaped: bool = False) -> float:
+    """utime + stime of one process (all its threads), in seconds; 0 if it is gone.
+
+    ``reaped``: plus cutime + cstime, the CPU of the children it has waited for.
+    """
     try:
         with open(f"/proc/{pid}/stat") as stream:
             stat = stream.read()
     except OSError:
         return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of proc(5)
+    return sum(int(v) for v in fields[11 : 15 if reaped else 13]) / CLK_TCK  # proc(5) 14-17
 
 
 def tree_cpu(root: int) -> float:
