@@ -360,7 +360,10 @@ def _cut_after(connection: http.client.HTTPSConnection) -> Iterator[threading.Ev
             with suppress(OSError):  # already closed
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
-    timer = threading.Timer(connection.timeout or 0.0, shut)
+    if not isinstance(connection.timeout, int | float):  # none given: no deadline either
+        yield cut
+        return
+    timer = threading.Timer(connection.timeout, shut)
     timer.daemon = True
     timer.start()
     try:
